@@ -1,0 +1,347 @@
+"""Ingest: read images, encode them once, and commit their vectors to the store.
+
+The pipeline, per image: read the file's bytes (sha256), decode (:mod:`cxrstore.io`),
+apply the uniform preprocessing, and run the encoder's ``prepare`` step, all in worker
+processes; then the encoder's ``forward`` on batches in this process, and staged rows
+committed every ``commit_every`` rows or ``commit_seconds`` seconds.
+
+Idempotent and resumable: a row is keyed by (image id, variant), and an image whose row
+already holds a committed vector of the model is skipped without being read. Killed at
+any point, a re-run continues where the last commit stopped. A file that cannot be read
+becomes one failure record (file, reason) kept in the store; the run goes on.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import multiprocessing
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cxrstore import __version__
+from cxrstore.datasets.base import ImageRecord, RecordError
+from cxrstore.encoders.base import Encoder
+from cxrstore.errors import CxrStoreError, UsageError
+from cxrstore.io.preprocess import PreprocessConfig, preprocess
+from cxrstore.io.read import read_image
+from cxrstore.store.store import _now, open_writer
+
+logger = logging.getLogger(__name__)
+
+#: Files larger than this are refused before being read (a CXR DICOM is tens of MB).
+MAX_FILE_BYTES = 1 << 30
+
+
+@dataclasses.dataclass
+class IngestReport:
+    """What an ingest run did; ``to_json`` matches ``schemas/ingest-report.schema.json``."""
+
+    run_id: str
+    store: str
+    model: str
+    encoder: str
+    total: int = 0
+    added: int = 0
+    filled: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    commits: int = 0
+    failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.added + self.filled
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self, *, max_failures: int = 100) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "store": self.store,
+            "model": self.model,
+            "encoder": self.encoder,
+            "total": self.total,
+            "added": self.added,
+            "filled": self.filled,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "commits": self.commits,
+            "failures": self.failures[:max_failures],
+        }
+
+
+# -- worker side -------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(preparer: Callable[[np.ndarray], np.ndarray], max_side: int) -> None:
+    _WORKER["prepare"] = preparer
+    _WORKER["max_side"] = max_side
+
+
+def load_one(path: str, preparer: Callable[[np.ndarray], np.ndarray], max_side: int) -> tuple[np.ndarray | None, str, str]:
+    """Read, hash, decode, preprocess and prepare one file.
+
+    Returns
+    -------
+    prepared : ndarray or None
+        The encoder's input, or None on failure.
+    sha256 : str
+        Hex digest of the file's bytes ('' if unreadable).
+    error : str
+        Why it failed ('' on success).
+    """
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            return None, "", f"file is {size} bytes, larger than the {MAX_FILE_BYTES} byte limit"
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return None, "", "file not found"
+    except IsADirectoryError:
+        return None, "", "is a folder, not a file"
+    except PermissionError:
+        return None, "", "permission denied"
+    except OSError as exc:
+        return None, "", f"cannot read file: {exc.strerror or exc}"
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        image = preprocess(read_image(data), max_side=max_side)
+        prepared = preparer(image)
+    except CxrStoreError as exc:
+        return None, sha, getattr(exc, "reason", None) or str(exc)
+    except (ValueError, TypeError, MemoryError) as exc:  # an encoder's prepare on odd input
+        return None, sha, f"{type(exc).__name__}: {exc}"
+    return prepared, sha, ""
+
+
+def _load_many(paths: Sequence[str]) -> list[tuple[np.ndarray | None, str, str]]:
+    return [load_one(p, _WORKER["prepare"], _WORKER["max_side"]) for p in paths]
+
+
+def _iter_loaded(
+    paths: Sequence[str],
+    preparer: Callable[[np.ndarray], np.ndarray],
+    max_side: int,
+    workers: int,
+    chunk: int,
+) -> Iterator[tuple[np.ndarray | None, str, str]]:
+    """Results for ``paths`` in order; at most ``4 * workers`` chunks in flight."""
+    if workers <= 0:
+        for p in paths:
+            yield load_one(p, preparer, max_side)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(preparer, max_side))
+    inflight: collections.deque[Future[list[tuple[np.ndarray | None, str, str]]]] = collections.deque()
+    starts = iter(range(0, len(paths), chunk))
+    try:
+        for start in starts:
+            inflight.append(executor.submit(_load_many, paths[start : start + chunk]))
+            if len(inflight) >= 4 * workers:
+                break
+        while inflight:
+            results = inflight.popleft().result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                inflight.append(executor.submit(_load_many, paths[nxt : nxt + chunk]))
+            yield from results
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+# -- main side ---------------------------------------------------------------------------
+def model_provenance(encoder: Encoder, prep: PreprocessConfig) -> dict[str, Any]:
+    """Everything that identifies how a model's vectors were made."""
+    return {
+        "encoder": encoder.config.to_json(),
+        "native_shape": list(encoder.native_shape),
+        "preprocess": prep.to_json(),
+        "cxrstore_version": __version__,
+        "created_at": _now(),
+    }
+
+
+def ingest(
+    store: str | Path,
+    records: Iterable[ImageRecord | RecordError],
+    *,
+    encoder: Encoder,
+    model: str | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    commit_every: int = 1024,
+    commit_seconds: float = 60.0,
+    dtype: str = "float32",
+    preprocess_config: PreprocessConfig | None = None,
+    policies: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> IngestReport:
+    """Encode images into ``store`` (created if absent) under ``model``.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store folder.
+    records : iterable of ImageRecord or RecordError
+        From a dataset adapter's ``records()``; errors become failure records.
+    encoder : Encoder
+        From :func:`cxrstore.encoders.base.get_encoder`.
+    model : str, optional
+        Name of the model in the store; defaults to the encoder's name.
+    batch_size : int
+        Images per ``forward`` call.
+    workers : int, optional
+        Decoding processes; default: the number of CPUs. 0 decodes in this process.
+    commit_every : int
+        Commit once this many rows have been staged (a crash loses at most these).
+    commit_seconds : float
+        Commit at least this often while work is staged.
+    dtype : {"float32", "float16"}
+        Storage dtype of a new model's vectors.
+    preprocess_config : PreprocessConfig, optional
+        The uniform preprocessing; recorded in the model's provenance.
+    policies : dict, optional
+        The adapter's options in force, recorded with the run summary.
+    progress : bool
+        Show a progress bar (rate and ETA) on stderr.
+
+    Returns
+    -------
+    IngestReport
+        Counts of rows added, filled (new model on an existing row), skipped (already
+        present) and failed, with the failures.
+    """
+    if batch_size < 1 or commit_every < 1:
+        raise UsageError("batch_size and commit_every must be positive")
+    prep = preprocess_config or PreprocessConfig()
+    model = model or encoder.name
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    report = IngestReport(run_id=uuid.uuid4().hex[:12], store=str(store), model=model, encoder=encoder.name)
+    started = time.perf_counter()
+    with open_writer(store) as writer:
+        writer.ensure_model(model, model_provenance(encoder, prep), dim=encoder.dim, dtype=dtype)
+        n_committed = writer.store.n_rows
+        present = writer.present_mask(model)
+        stored_sha = writer.store.column("sha256") if n_committed else np.array([], dtype=object)
+        keys = writer.keys()
+        todo: list[tuple[ImageRecord, int | None]] = []
+        for rec in records:
+            report.total += 1
+            if isinstance(rec, RecordError):
+                _fail(writer, report, rec.image_id, rec.path, model, rec.message())
+                continue
+            row = keys.get(rec.key)
+            if row is not None and row < n_committed and present[row]:
+                report.skipped += 1
+                continue
+            todo.append((rec, row))
+        logger.info("%s: %d images to encode, %d already present", store, len(todo), report.skipped)
+        bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, desc=f"ingest {model}")
+        batch: list[tuple[ImageRecord, int | None, np.ndarray, str]] = []
+        last_commit = time.monotonic()
+
+        def flush() -> None:
+            if not batch:
+                return
+            vecs = np.asarray(encoder.forward([b[2] for b in batch]), dtype=np.float32)
+            rows: list[int] = []
+            keep: list[int] = []
+            for i, (rec, row, _, sha) in enumerate(batch):
+                if not np.isfinite(vecs[i]).all():
+                    _fail(writer, report, rec.image_id, rec.path, model, "the encoder returned NaN or infinite values")
+                    continue
+                if row is None:
+                    row = writer.add_row(rec.row_data(sha256=sha))
+                    report.added += 1
+                else:
+                    if row < n_committed and stored_sha[row] and stored_sha[row] != sha:
+                        _fail(writer, report, rec.image_id, rec.path, model,
+                              f"file content changed since row {row} was stored (sha256 differs); use a new image_id")
+                        continue
+                    report.filled += 1
+                rows.append(row)
+                keep.append(i)
+            if rows:
+                writer.add_vectors(model, rows, vecs[keep])
+            batch.clear()
+
+        paths = [str(rec.abs_path) for rec, _ in todo]
+        try:
+            loaded = _iter_loaded(paths, encoder.preparer(), prep.max_side, workers, chunk=max(1, min(16, batch_size)))
+            for (rec, row), (prepared, sha, error) in zip(todo, loaded):
+                bar.update(1)
+                if prepared is None:
+                    _fail(writer, report, rec.image_id, rec.path, model, error)
+                else:
+                    batch.append((rec, row, prepared, sha))
+                    if len(batch) >= batch_size:
+                        flush()
+                staged = writer.staged_vectors
+                if staged >= commit_every or (staged and time.monotonic() - last_commit > commit_seconds):
+                    flush()
+                    writer.commit()
+                    report.commits += 1
+                    last_commit = time.monotonic()
+            flush()
+        finally:
+            bar.close()
+        report.seconds = time.perf_counter() - started
+        writer.add_run({**report.to_json(max_failures=0), "policies": policies or {}, "finished_at": _now()})
+        writer.commit()
+        report.commits += 1
+    return report
+
+
+def _fail(writer: Any, report: IngestReport, image_id: str, path: str, model: str, reason: str) -> None:
+    report.failed += 1
+    report.failures.append({"image_id": image_id, "path": path, "reason": reason})
+    writer.add_failure(image_id=image_id, path=path, model=model, reason=reason, run_id=report.run_id)
+    logger.warning("%s %s: %s", image_id or "-", path, reason)
+
+
+def ingest_dataset(
+    store: str | Path,
+    *,
+    dataset: str = "csv",
+    encoder: str | Encoder = "baseline",
+    encoder_options: dict[str, Any] | None = None,
+    dataset_options: dict[str, Any] | None = None,
+    **options: Any,
+) -> IngestReport:
+    """Ingest a dataset by adapter name: the Python twin of ``cxrstore ingest``.
+
+    Parameters
+    ----------
+    store : str or Path
+        The store folder (created if absent).
+    dataset : str
+        Registered adapter name (``csv`` reads a manifest).
+    encoder : str or Encoder
+        Registered encoder name or an encoder instance.
+    encoder_options, dataset_options : dict, optional
+        Passed to the encoder and adapter constructors (e.g. ``manifest=``, ``root=``).
+    **options
+        Passed to :func:`ingest` (``model``, ``batch_size``, ``workers``...).
+    """
+    from cxrstore.datasets.base import get_dataset
+    from cxrstore.encoders.base import get_encoder
+
+    adapter = get_dataset(dataset, **(dataset_options or {}))
+    enc = get_encoder(encoder, **(encoder_options or {})) if isinstance(encoder, str) else encoder
+    return ingest(store, adapter.records(), encoder=enc, policies=adapter.policies(), **options)

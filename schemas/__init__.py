@@ -1,0 +1,1 @@
+"""JSON Schemas of cxrstore's on-disk format and outputs (package data)."""
