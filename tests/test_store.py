@@ -233,3 +233,14 @@ def test_vector_chunks_are_a_few_mib() -> None:
     assert fmt.vector_chunk_rows(24576, 4) == 32
     assert fmt.vector_chunk_rows(1024, 4) == 1024
     assert fmt.vector_chunk_rows(8, 4) == 8192
+
+
+def test_groups_follow_patients_and_sources(tmp_path: Path) -> None:
+    with open_writer(tmp_path / "s") as w:
+        w.add_row(RowData(image_id="a", patient_id="p1"))
+        w.add_row(RowData(image_id="b", patient_id=""))
+        w.add_row(RowData(image_id="b", variant="rot+45", source_row=1, patient_id=""))
+        w.add_row(RowData(image_id="c", patient_id="p1"))
+        w.commit()
+    groups = Store(tmp_path / "s").select().groups()
+    assert groups.tolist() == ["p1", "row:1", "row:1", "p1"]

@@ -56,6 +56,20 @@ class Selection:
         values = self.store.label_matrix(self.rows)
         return pd.DataFrame(values, columns=list(self.store.labels), index=pd.Index(self.rows, name="row"))
 
+    def groups(self) -> np.ndarray:
+        """Group id of each selected row, for grouped cross-validation and sampling.
+
+        The row's ``patient_id``; a row without one is its own group (its source row's
+        image id for an augmented variant, so a variant never leaves its source's group).
+        """
+        patients = self.store.column("patient_id", self.rows).astype(str)
+        missing = patients == ""
+        if missing.any():
+            source = self.store.column("source_row", self.rows[missing])
+            own = np.where(source >= 0, source, self.rows[missing])
+            patients[missing] = np.array([f"row:{r}" for r in own], dtype=object)
+        return patients
+
     def subset(self, rows: Sequence[int] | np.ndarray) -> Selection:
         """A selection of some of these rows (row numbers, not positions)."""
         rows = np.unique(np.asarray(rows, dtype=np.int64))
