@@ -62,7 +62,7 @@ class Selection:
         The row's ``patient_id``; a row without one is its own group (its source row's
         image id for an augmented variant, so a variant never leaves its source's group).
         """
-        patients = self.store.column("patient_id", self.rows).astype(str)
+        patients = np.array([str(p) for p in self.store.column("patient_id", self.rows)], dtype=object)
         missing = patients == ""
         if missing.any():
             source = self.store.column("source_row", self.rows[missing])
