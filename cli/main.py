@@ -6,8 +6,11 @@ import click
 
 from cli.common import setup_logging
 from cli.demo import demo
+from cli.export import export
+from cli.import_vectors import import_cmd
 from cli.info import info
 from cli.ingest import ingest
+from cli.models import models
 from cli.verify import verify
 from cxrstore import __version__
 
@@ -18,14 +21,14 @@ from cxrstore import __version__
 def cli(verbose: int) -> None:
     """cxrstore: an embedding store for chest X-ray foundation-model embeddings.
 
-    Every command takes the store folder as its first argument.
+    Every command takes the store folder as its first argument (`models` excepted).
     Exit codes: 0 ok, 1 error, 2 usage error, 3 completed with some inputs failed,
     4 verify found problems.
     """
     setup_logging(verbose)
 
 
-for command in (ingest, info, verify, demo):
+for command in (ingest, import_cmd, info, verify, export, models, demo):
     cli.add_command(command)
 
 

@@ -9,6 +9,19 @@ Idempotent and resumable: a row is keyed by (image id, variant), and an image wh
 already holds a committed vector of the model is skipped without being read. Killed at
 any point, a re-run continues where the last commit stopped. A file that cannot be read
 becomes one failure record (file, reason) kept in the store; the run goes on.
+
+Augmentation (``augment=``, :mod:`cxrstore.augment`): each requested variant of an image
+is its own row (``variant`` = the variant name, ``source_row`` = the row of its original,
+the same patient, study, labels and extra columns). The worker reads and decodes the file
+once and prepares the original and every variant still missing; the original is always
+stored (or already present) before its variants. The variants' parameters are recorded
+in the run summary (``augment``), not in the model's provenance.
+
+What a run records (``store.runs[i]``): the counts, the adapter's ``policies`` (with a
+``label_policy_id`` that every row it produced also carries in its ``label_policy``
+column, when the adapter sets one), the ``generations`` its commits spanned (rows it
+added carry a ``generation`` in that range), the adapter's ``dataset_report`` and
+``augment``.
 """
 
 from __future__ import annotations
@@ -31,11 +44,13 @@ import numpy as np
 from tqdm import tqdm
 
 from cxrstore import __version__
-from cxrstore.datasets.base import ImageRecord, RecordError
+from cxrstore.augment import apply_variant, augment_record, parse_variants
+from cxrstore.datasets.base import LABEL_POLICY_COLUMN, ImageRecord, RecordError
 from cxrstore.encoders.base import Encoder
 from cxrstore.errors import CxrStoreError, UsageError
 from cxrstore.io.preprocess import PreprocessConfig, preprocess
 from cxrstore.io.read import read_image
+from cxrstore.store.format import ORIGINAL
 from cxrstore.store.store import _now, open_writer
 
 logger = logging.getLogger(__name__)
@@ -60,6 +75,9 @@ class IngestReport:
     seconds: float = 0.0
     commits: int = 0
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    variants: list[str] = dataclasses.field(default_factory=list)
+    dataset_report: dict[str, Any] | None = None
+    label_policy_conflicts: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -81,6 +99,9 @@ class IngestReport:
             "images_per_second": round(self.images_per_second, 2),
             "commits": self.commits,
             "failures": self.failures[:max_failures],
+            **({"variants": list(self.variants)} if self.variants else {}),
+            **({"dataset_report": self.dataset_report} if self.dataset_report is not None else {}),
+            **({"label_policy_conflicts": self.label_policy_conflicts} if self.label_policy_conflicts else {}),
         }
 
 
@@ -93,13 +114,32 @@ def _init_worker(preparer: Callable[[np.ndarray], np.ndarray], max_side: int) ->
     _WORKER["max_side"] = max_side
 
 
-def load_one(path: str, preparer: Callable[[np.ndarray], np.ndarray], max_side: int) -> tuple[np.ndarray | None, str, str]:
-    """Read, hash, decode, preprocess and prepare one file.
+Loaded = tuple[dict[str, np.ndarray] | None, str, str]
+
+
+def load_one(
+    path: str,
+    preparer: Callable[[np.ndarray], np.ndarray],
+    max_side: int,
+    variants: Sequence[str] = (ORIGINAL,),
+) -> Loaded:
+    """Read, hash, decode and preprocess one file once; prepare each requested variant.
+
+    Parameters
+    ----------
+    path : str
+    preparer : callable
+        The encoder's ``prepare`` step.
+    max_side : int
+        The uniform preprocessing's longest side.
+    variants : sequence of str
+        ``"original"`` and/or augmentation variant names (:mod:`cxrstore.augment`),
+        each applied to the canonical image before ``preparer``.
 
     Returns
     -------
-    prepared : ndarray or None
-        The encoder's input, or None on failure.
+    prepared : dict of str to ndarray, or None
+        The encoder's input per requested variant, or None on failure.
     sha256 : str
         Hex digest of the file's bytes ('' if unreadable).
     error : str
@@ -122,7 +162,7 @@ def load_one(path: str, preparer: Callable[[np.ndarray], np.ndarray], max_side: 
     sha = hashlib.sha256(data).hexdigest()
     try:
         image = preprocess(read_image(data), max_side=max_side)
-        prepared = preparer(image)
+        prepared = {v: preparer(image if v == ORIGINAL else apply_variant(image, v)) for v in variants}
     except CxrStoreError as exc:
         return None, sha, getattr(exc, "reason", None) or str(exc)
     except (ValueError, TypeError, MemoryError) as exc:  # an encoder's prepare on odd input
@@ -130,25 +170,25 @@ def load_one(path: str, preparer: Callable[[np.ndarray], np.ndarray], max_side: 
     return prepared, sha, ""
 
 
-def _load_many(paths: Sequence[str]) -> list[tuple[np.ndarray | None, str, str]]:
-    return [load_one(p, _WORKER["prepare"], _WORKER["max_side"]) for p in paths]
+def _load_many(items: Sequence[tuple[str, tuple[str, ...]]]) -> list[Loaded]:
+    return [load_one(p, _WORKER["prepare"], _WORKER["max_side"], v) for p, v in items]
 
 
 def _iter_loaded(
-    paths: Sequence[str],
+    paths: Sequence[tuple[str, tuple[str, ...]]],
     preparer: Callable[[np.ndarray], np.ndarray],
     max_side: int,
     workers: int,
     chunk: int,
-) -> Iterator[tuple[np.ndarray | None, str, str]]:
-    """Results for ``paths`` in order; at most ``4 * workers`` chunks in flight."""
+) -> Iterator[Loaded]:
+    """Results for ``(path, variants)`` items in order; at most ``4 * workers`` chunks in flight."""
     if workers <= 0:
-        for p in paths:
-            yield load_one(p, preparer, max_side)
+        for p, v in paths:
+            yield load_one(p, preparer, max_side, v)
         return
     ctx = multiprocessing.get_context("spawn")
     executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(preparer, max_side))
-    inflight: collections.deque[Future[list[tuple[np.ndarray | None, str, str]]]] = collections.deque()
+    inflight: collections.deque[Future[list[Loaded]]] = collections.deque()
     starts = iter(range(0, len(paths), chunk))
     try:
         for start in starts:
@@ -191,6 +231,8 @@ def ingest(
     preprocess_config: PreprocessConfig | None = None,
     policies: dict[str, Any] | None = None,
     progress: bool = False,
+    augment: str | Sequence[str] | bool | None = None,
+    dataset_report: dict[str, Any] | None = None,
 ) -> IngestReport:
     """Encode images into ``store`` (created if absent) under ``model``.
 
@@ -220,57 +262,106 @@ def ingest(
         The adapter's options in force, recorded with the run summary.
     progress : bool
         Show a progress bar (rate and ETA) on stderr.
+    augment : str, sequence of str or bool, optional
+        Augmentation variants to store beside each original: ``"all"``/``True`` for the
+        five, or names (``"brighter,rot+45"``); see :mod:`cxrstore.augment`.
+    dataset_report : dict, optional
+        The adapter's report (``DatasetReport.to_json()``), kept in the run summary.
 
     Returns
     -------
     IngestReport
-        Counts of rows added, filled (new model on an existing row), skipped (already
-        present) and failed, with the failures.
+        Counts of rows (an image and each of its variants count one row each) added,
+        filled (new model on an existing row), skipped (already present) and failed
+        (failure records: one per unreadable file, one per row refused), with the failures.
     """
     if batch_size < 1 or commit_every < 1:
         raise UsageError("batch_size and commit_every must be positive")
+    variants = parse_variants(augment)
     prep = preprocess_config or PreprocessConfig()
     model = model or encoder.name
     workers = (os.cpu_count() or 1) if workers is None else workers
-    report = IngestReport(run_id=uuid.uuid4().hex[:12], store=str(store), model=model, encoder=encoder.name)
+    report = IngestReport(run_id=uuid.uuid4().hex[:12], store=str(store), model=model, encoder=encoder.name,
+                          variants=list(variants), dataset_report=dataset_report)
     started = time.perf_counter()
     with open_writer(store) as writer:
         writer.ensure_model(model, model_provenance(encoder, prep), dim=encoder.dim, dtype=dtype)
+        first_generation = writer.store.generation + 1
         n_committed = writer.store.n_rows
         present = writer.present_mask(model)
         stored_sha = writer.store.column("sha256") if n_committed else np.array([], dtype=object)
+        stored_policy = (writer.store.column(LABEL_POLICY_COLUMN)
+                         if n_committed and LABEL_POLICY_COLUMN in writer.store.columns else None)
+        conflicts: list[str] = []
         keys = writer.keys()
-        todo: list[tuple[ImageRecord, int | None]] = []
+        # Per image: the (variant, existing row) pairs still to encode; the original first.
+        todo: list[tuple[ImageRecord, list[tuple[str, int | None]]]] = []
         for rec in records:
-            report.total += 1
             if isinstance(rec, RecordError):
+                report.total += 1
                 _fail(writer, report, rec.image_id, rec.path, model, rec.message())
                 continue
-            row = keys.get(rec.key)
-            if row is not None and row < n_committed and present[row]:
-                report.skipped += 1
-                continue
-            todo.append((rec, row))
-        logger.info("%s: %d images to encode, %d already present", store, len(todo), report.skipped)
+            wanted = (rec.variant, *variants) if rec.variant == ORIGINAL else (rec.variant,)
+            need: list[tuple[str, int | None]] = []
+            for v in wanted:
+                report.total += 1
+                row = keys.get((rec.image_id, v))
+                if row is not None and stored_policy is not None and row < n_committed:
+                    new_policy = rec.extra.get(LABEL_POLICY_COLUMN, "")
+                    if new_policy and stored_policy[row] and new_policy != stored_policy[row]:
+                        conflicts.append(f"{rec.image_id}/{v}")
+                if row is not None and row < n_committed and present[row]:
+                    report.skipped += 1
+                    continue
+                need.append((v, row))
+            if need:
+                todo.append((rec, need))
+        if conflicts:
+            report.label_policy_conflicts = len(conflicts)
+            logger.warning(
+                "%s: %d rows were stored earlier under another label policy; their labels are kept as stored "
+                "(their label_policy column says which), e.g. %s", store, len(conflicts), ", ".join(conflicts[:5]))
+        n_rows_todo = sum(len(need) for _, need in todo)
+        logger.info("%s: %d rows to encode (%d images), %d already present", store, n_rows_todo, len(todo), report.skipped)
         bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, desc=f"ingest {model}")
-        batch: list[tuple[ImageRecord, int | None, np.ndarray, str]] = []
+        batch: list[tuple[ImageRecord, str, int | None, np.ndarray, str]] = []
+        failed_sources: set[str] = set()
         last_commit = time.monotonic()
 
         def flush() -> None:
             if not batch:
                 return
-            vecs = np.asarray(encoder.forward([b[2] for b in batch]), dtype=np.float32)
+            vecs = np.asarray(encoder.forward([b[3] for b in batch]), dtype=np.float32)
             rows: list[int] = []
             keep: list[int] = []
-            for i, (rec, row, _, sha) in enumerate(batch):
+            for i, (rec, variant, row, _, sha) in enumerate(batch):
+                what = rec.image_id if variant == ORIGINAL else f"{rec.image_id} ({variant})"
+                source_row = -1
+                if variant != rec.variant:  # an augmentation of the record's image
+                    src = writer.row_of(rec.image_id, rec.variant)
+                    if src is None or rec.image_id in failed_sources:
+                        _fail(writer, report, rec.image_id, rec.path, model,
+                              f"variant {variant}: not stored because its original could not be stored")
+                        continue
+                    if src < n_committed and stored_sha[src] and stored_sha[src] != sha:
+                        _fail(writer, report, rec.image_id, rec.path, model,
+                              f"variant {variant}: file content changed since its original (row {src}) was stored "
+                              "(sha256 differs); use a new image_id")
+                        continue
+                    source_row = src
                 if not np.isfinite(vecs[i]).all():
-                    _fail(writer, report, rec.image_id, rec.path, model, "the encoder returned NaN or infinite values")
+                    if variant == rec.variant:
+                        failed_sources.add(rec.image_id)
+                    _fail(writer, report, rec.image_id, rec.path, model, f"{what}: the encoder returned NaN or infinite values")
                     continue
                 if row is None:
-                    row = writer.add_row(rec.row_data(sha256=sha))
+                    data = (rec if variant == rec.variant else dataclasses.replace(rec, variant=variant))
+                    row = writer.add_row(data.row_data(sha256=sha, source_row=source_row))
                     report.added += 1
                 else:
                     if row < n_committed and stored_sha[row] and stored_sha[row] != sha:
+                        if variant == rec.variant:
+                            failed_sources.add(rec.image_id)
                         _fail(writer, report, rec.image_id, rec.path, model,
                               f"file content changed since row {row} was stored (sha256 differs); use a new image_id")
                         continue
@@ -281,15 +372,17 @@ def ingest(
                 writer.add_vectors(model, rows, vecs[keep])
             batch.clear()
 
-        paths = [str(rec.abs_path) for rec, _ in todo]
+        items = [(str(rec.abs_path), tuple(v for v, _ in need)) for rec, need in todo]
         try:
-            loaded = _iter_loaded(paths, encoder.preparer(), prep.max_side, workers, chunk=max(1, min(16, batch_size)))
-            for (rec, row), (prepared, sha, error) in zip(todo, loaded):
+            loaded = _iter_loaded(items, encoder.preparer(), prep.max_side, workers, chunk=max(1, min(16, batch_size)))
+            for (rec, need), (prepared, sha, error) in zip(todo, loaded):
                 bar.update(1)
                 if prepared is None:
-                    _fail(writer, report, rec.image_id, rec.path, model, error)
+                    extra = f" (and its {len(need) - 1} variant rows)" if len(need) > 1 else ""
+                    _fail(writer, report, rec.image_id, rec.path, model, error + extra)
                 else:
-                    batch.append((rec, row, prepared, sha))
+                    for variant, row in need:
+                        batch.append((rec, variant, row, prepared[variant], sha))
                     if len(batch) >= batch_size:
                         flush()
                 staged = writer.staged_vectors
@@ -302,7 +395,15 @@ def ingest(
         finally:
             bar.close()
         report.seconds = time.perf_counter() - started
-        writer.add_run({**report.to_json(max_failures=0), "policies": policies or {}, "finished_at": _now()})
+        summary: dict[str, Any] = {
+            **report.to_json(max_failures=0),
+            "policies": policies or {},
+            "generations": [first_generation, writer.store.generation + 1],
+            "finished_at": _now(),
+        }
+        if variants:
+            summary["augment"] = augment_record(variants)
+        writer.add_run(summary)
         writer.commit()
         report.commits += 1
     return report
@@ -337,11 +438,24 @@ def ingest_dataset(
     encoder_options, dataset_options : dict, optional
         Passed to the encoder and adapter constructors (e.g. ``manifest=``, ``root=``).
     **options
-        Passed to :func:`ingest` (``model``, ``batch_size``, ``workers``...).
+        Passed to :func:`ingest` (``model``, ``batch_size``, ``workers``, ``augment``...).
+
+    The adapter's ``policies()`` and, when it has one, its ``report()`` (a
+    :class:`~cxrstore.datasets.base.DatasetReport`: every row or file it did not turn into
+    a record, with counts and first examples; already logged by the adapter) are kept in
+    the run summary and returned on the report (``dataset_report``).
+
+    Example
+    -------
+    >>> ingest_dataset("store", dataset="nih-cxr14",                       # doctest: +SKIP
+    ...                dataset_options={"root": "/data/nih", "opacity_fallback": "missing"},
+    ...                augment="all", workers=4)
     """
-    from cxrstore.datasets.base import get_dataset
+    from cxrstore.datasets.base import adapter_report, get_dataset
     from cxrstore.encoders.base import get_encoder
 
     adapter = get_dataset(dataset, **(dataset_options or {}))
     enc = get_encoder(encoder, **(encoder_options or {})) if isinstance(encoder, str) else encoder
-    return ingest(store, adapter.records(), encoder=enc, policies=adapter.policies(), **options)
+    found = adapter_report(adapter)
+    return ingest(store, adapter.records(), encoder=enc, policies=adapter.policies(),
+                  dataset_report=found.to_json() if found is not None else None, **options)

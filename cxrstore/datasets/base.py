@@ -10,9 +10,11 @@ the user names; nothing outside that root is ever read.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -20,8 +22,16 @@ from cxrstore.errors import UsageError
 from cxrstore.store.format import ORIGINAL
 from cxrstore.store.store import RowData
 
+logger = logging.getLogger(__name__)
+
 #: Canonical optional columns, beyond ``image_id`` and ``path``.
 CANONICAL_COLUMNS = ("dataset", "patient_id", "study_id", "view", "sex", "age")
+#: Extra columns the dataset adapters write: visit order, official split, label policy id.
+FOLLOW_UP_COLUMN = "follow_up"
+SPLIT_COLUMN = "split"
+LABEL_POLICY_COLUMN = "label_policy"
+#: How many examples a report keeps per issue.
+REPORT_EXAMPLES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +50,11 @@ class ImageRecord:
         1.0, 0.0, or None for missing.
     line : int
         Where the record came from (1-based data line of the manifest), for messages.
+    follow_up : int or None
+        Order of the image's visit among its patient's visits (0 = first), where the
+        dataset has it (NIH ``Follow-up #``; MIMIC-CXR: rank of the study by date and
+        time within the subject). Stored in the extra column ``follow_up`` as a
+        zero-padded string (``"0003"``), so that it sorts as text.
     """
 
     image_id: str
@@ -55,6 +70,7 @@ class ImageRecord:
     extra: Mapping[str, str] = dataclasses.field(default_factory=dict)
     variant: str = ORIGINAL
     line: int = 0
+    follow_up: int | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -75,8 +91,14 @@ class ImageRecord:
             sex=self.sex,
             age=math.nan if self.age is None else float(self.age),
             labels=dict(self.labels),
-            extra=dict(self.extra),
+            extra=self._extra(),
         )
+
+    def _extra(self) -> dict[str, str]:
+        extra = dict(self.extra)
+        if self.follow_up is not None:
+            extra[FOLLOW_UP_COLUMN] = f"{int(self.follow_up):04d}"
+        return extra
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +115,81 @@ class RecordError:
         return f"{where}: {self.reason}"
 
 
+@dataclasses.dataclass
+class DatasetIssue:
+    """One kind of problem an adapter met: how many times, and the first examples."""
+
+    kind: str
+    message: str
+    count: int = 0
+    examples: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "count": self.count, "examples": list(self.examples)}
+
+
+@dataclasses.dataclass
+class DatasetReport:
+    """What a dataset adapter found while reading a dataset's own files.
+
+    Nothing is dropped silently: every row or file the adapter did not turn into an
+    image record (a missing optional file, an unknown column, a label row without an
+    image, an image without labels, a view not kept, a bad value...) is counted here
+    under an issue ``kind``, with the first :data:`REPORT_EXAMPLES` examples.
+
+    Attributes
+    ----------
+    dataset : str
+        The adapter name.
+    files : dict
+        Role (``labels``, ``metadata``, ``split``...) to the file read, or ``""`` when absent.
+    counts : dict
+        Rows read per file role, images found, records yielded.
+    issues : list of DatasetIssue
+    """
+
+    dataset: str
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    issues: list[DatasetIssue] = dataclasses.field(default_factory=list)
+
+    def add(self, kind: str, message: str, examples: Iterable[Any] = (), count: int | None = None) -> DatasetIssue | None:
+        """Record ``count`` occurrences (default: the number of ``examples``); none recorded if 0."""
+        ex = [str(e) for e in examples]
+        n = len(ex) if count is None else int(count)
+        if n <= 0:
+            return None
+        issue = DatasetIssue(kind, message, n, ex[:REPORT_EXAMPLES])
+        self.issues.append(issue)
+        return issue
+
+    def issue(self, kind: str) -> DatasetIssue | None:
+        """The first issue of ``kind``, or None."""
+        return next((i for i in self.issues if i.kind == kind), None)
+
+    def count(self, kind: str) -> int:
+        return sum(i.count for i in self.issues if i.kind == kind)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "files": dict(self.files),
+            "counts": dict(self.counts),
+            "issues": [i.to_json() for i in self.issues],
+        }
+
+    def log(self, log: logging.Logger | None = None) -> None:
+        """Log every issue as a warning (counts and first examples)."""
+        log = log or logger
+        for i in self.issues:
+            log.warning("%s: %s: %d (e.g. %s)", self.dataset, i.message, i.count, ", ".join(i.examples) or "-")
+
+
+def take(items: Iterable[Any], n: int = REPORT_EXAMPLES) -> list[Any]:
+    """The first ``n`` items of an iterable."""
+    return list(itertools.islice(items, n))
+
+
 @runtime_checkable
 class DatasetAdapter(Protocol):
     """What ingest needs from a dataset adapter."""
@@ -107,6 +204,12 @@ class DatasetAdapter(Protocol):
     def policies(self) -> dict[str, Any]:
         """The options in force (label policy, columns...), recorded with the run."""
         ...
+
+
+def adapter_report(adapter: Any) -> DatasetReport | None:
+    """The adapter's :class:`DatasetReport` if it has one (``adapter.report()``), else None."""
+    fn = getattr(adapter, "report", None)
+    return fn() if callable(fn) else None
 
 
 _REGISTRY: dict[str, type] = {}
@@ -139,7 +242,7 @@ def get_dataset(name: str, **options: Any) -> DatasetAdapter:
 
 
 def _load_builtin() -> None:
-    from cxrstore.datasets import csv_manifest  # noqa: F401
+    from cxrstore.datasets import csv_manifest, mimic, nih  # noqa: F401
 
 
 def resolve_under_root(root: Path, relative: str) -> Path:
@@ -163,3 +266,77 @@ def resolve_under_root(root: Path, relative: str) -> Path:
     if not target.is_relative_to(root_real):
         raise UsageError(f"path {relative!r} resolves outside the root folder {root} and is refused")
     return target
+
+
+def find_file(root: Path, names: Iterable[str]) -> Path | None:
+    """The first of ``names`` (relative to ``root``) that is a file, or None."""
+    for name in names:
+        p = root / name
+        if p.is_file():
+            return p
+    return None
+
+
+def read_table(path: Path, *, role: str, names: list[str] | None = None) -> Any:
+    """Read a CSV (plain or gzipped, by content) as strings: empty cells stay ``""``.
+
+    Parameters
+    ----------
+    path : Path
+    role : str
+        What the file is (``"label file"``...), for messages.
+    names : list of str, optional
+        Column names to use instead of the header line (which is then skipped).
+
+    Raises
+    ------
+    ManifestError
+        If the file is missing, empty, not a CSV, or a data row has more fields than the header.
+    """
+    import warnings
+
+    import pandas as pd
+
+    from cxrstore.errors import ManifestError
+
+    opts: dict[str, Any] = {"dtype": str, "keep_default_na": False, "na_filter": False, "compression": _compression(path)}
+    if names is not None:
+        opts.update(header=None, skiprows=1, names=names, index_col=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, **opts)
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: {role} not found") from None
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"{path}: {role} is empty") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError, OSError, EOFError, ValueError) as exc:
+        raise ManifestError(f"{path}: {role} is not a readable CSV ({type(exc).__name__}: {exc})") from None
+
+
+def _compression(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError:
+        return None
+    return "gzip" if magic == b"\x1f\x8b" else None
+
+
+def read_header(path: Path, *, role: str) -> str:
+    """The first line of a CSV (plain or gzipped), without its line ending."""
+    import gzip
+
+    from cxrstore.errors import ManifestError
+
+    try:
+        opener = gzip.open if _compression(path) == "gzip" else open
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as fh:  # type: ignore[operator]
+            line = fh.readline()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: {role} not found") from None
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: {role} cannot be read ({exc})") from None
+    if not line.strip():
+        raise ManifestError(f"{path}: {role} is empty (no header line)")
+    return line.rstrip("\r\n")

@@ -147,5 +147,6 @@ def get_encoder(name: str, **options: Any) -> Encoder:
 
 
 def _load_builtin() -> None:
-    # Importing the modules runs their @register_encoder decorators.
-    from cxrstore.encoders import baseline  # noqa: F401
+    # Importing the modules runs their @register_encoder decorators; the real models'
+    # modules import torch only when an encoder is built.
+    from cxrstore.encoders import baseline, medimageinsight  # noqa: F401

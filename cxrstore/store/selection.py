@@ -13,7 +13,7 @@ take tens of MB, where their vectors take tens of GB.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 import pandas as pd
@@ -97,6 +97,7 @@ class Selection:
         *,
         batch_rows: int = DEFAULT_BATCH_ROWS,
         dtype: str = "float32",
+        view: Literal["flat", "mean"] = "flat",
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream ``(rows, vectors)`` batches in row order.
 
@@ -108,15 +109,24 @@ class Selection:
             Largest batch yielded. Memory used is about one stored chunk plus one batch.
         dtype : str
             dtype of the yielded vectors (float16 storage is upcast by default).
+        view : {"flat", "mean"}
+            ``"flat"``: the stored vectors. ``"mean"``: the mean over the first axis of
+            the model's native shape (``[32, 768]`` gives 768 values), computed per
+            batch; refused for a model with a one-axis native shape. See
+            :mod:`cxrstore.store.views`.
 
         Yields
         ------
         rows : ndarray of int64, shape (b,)
-        vectors : ndarray, shape (b, dim)
+        vectors : ndarray, shape (b, dim) (``(b, view dim)`` for ``"mean"``)
         """
+        from cxrstore.store.views import apply_view, model_view_dim, native_shape
+
         name = self._model(model)
         if batch_rows < 1:
             raise UsageError(f"batch_rows must be positive, got {batch_rows}")
+        model_view_dim(self.store, name, view)  # validates the view for this model
+        shape = native_shape(self.store, name) if view != "flat" else ()
         arr = self.store.vectors_array(name)
         chunk = arr.chunks[0]
         rows = self.rows
@@ -140,18 +150,26 @@ class Selection:
                 pending += take
                 start += take
                 if pending == batch_rows:
-                    yield np.concatenate(pending_rows), np.concatenate(pending_vecs)
+                    yield np.concatenate(pending_rows), apply_view(np.concatenate(pending_vecs), view, shape, dtype=dtype)
                     pending_rows, pending_vecs, pending = [], [], 0
         if pending:
-            yield np.concatenate(pending_rows), np.concatenate(pending_vecs)
+            yield np.concatenate(pending_rows), apply_view(np.concatenate(pending_vecs), view, shape, dtype=dtype)
 
-    def vectors(self, model: str | None = None, *, dtype: str = "float32") -> np.ndarray:
-        """All selected vectors in one array (``len(self) x dim``): for small selections."""
+    def vectors(
+        self, model: str | None = None, *, dtype: str = "float32", view: Literal["flat", "mean"] = "flat"
+    ) -> np.ndarray:
+        """All selected vectors in one array (``len(self) x dim``): for small selections.
+
+        ``view="mean"`` gives the mean over the first axis of the native shape (see
+        :meth:`iter_vectors`).
+        """
+        from cxrstore.store.views import model_view_dim
+
         name = self._model(model)
-        dim = self.store.commit.models[name].dim
+        dim = model_view_dim(self.store, name, view)
         out = np.empty((len(self), dim), dtype=dtype)
         pos = 0
-        for _, vecs in self.iter_vectors(name, dtype=dtype):
+        for _, vecs in self.iter_vectors(name, dtype=dtype, view=view):
             out[pos : pos + len(vecs)] = vecs
             pos += len(vecs)
         return out

@@ -691,10 +691,11 @@ class StoreWriter:
             labels.resize((max(n1, labels.shape[0]), max(n_labels, labels.shape[1])))
         if n_labels:
             block = np.full((n1 - n0, labels.shape[1]), fmt.LABEL_MISSING, dtype=np.int8)
+            column = {name: j for j, name in enumerate(self._labels)}
             for i, r in enumerate(rows):
                 for name, value in r.labels.items():
-                    if value is not None and not (isinstance(value, float) and np.isnan(value)):
-                        block[i, self._labels.index(name)] = int(value)
+                    if value is not None and value == value:  # not None, not NaN
+                        block[i, column[name]] = int(value)
             labels[n0:n1, :] = block
 
     def _create_model(self, name: str, prov: Mapping[str, Any]) -> None:

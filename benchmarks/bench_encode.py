@@ -1,0 +1,162 @@
+"""Encoder throughput: end-to-end ingest against the model alone, MedImageInsight.
+
+Measures, with the same MedImageInsight model (random weights in the real folder layout:
+the reduced test architecture by default, the published size with ``--full``) and the
+same batch size:
+
+- ``model_only``: ``encoder.forward`` on inputs already prepared and held in memory
+  (what a user timing the bare model would measure): images per second, after one
+  warm-up batch;
+- ``ingest``: ``cxrstore.ingest.ingest`` end to end on real chest X-ray files (those of
+  ``../shared/data/real-cxr``, repeated under distinct ids to reach ``--n`` images):
+  read, sha256, decode, uniform preprocessing and the bicubic resize in worker
+  processes, the model in this process, store writes and commits.
+
+``ratio = ingest / model_only``: 1.0 means the model never waits for decoding. Each is
+run once (``--repeat`` for more, median reported). On the CPU both compete for the same
+cores, so the ratio there measures contention more than pipelining.
+
+    python benchmarks/bench_encode.py --quick
+    python benchmarks/bench_encode.py --full --device cuda --half --batch-size 64 --n 1024 --workers 14
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cxrstore import __version__
+from cxrstore.datasets.csv_manifest import CsvManifest
+from cxrstore.encoders.base import get_encoder
+from cxrstore.encoders.medimageinsight import (
+    PUBLISHED_ARCH,
+    REDUCED_ARCH,
+    write_mii_standin,
+)
+from cxrstore.ingest import ingest
+from cxrstore.io.preprocess import preprocess
+from cxrstore.io.read import read_image
+
+REAL_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-cxr"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def model_only(encoder, prepared: list[np.ndarray], batch_size: int, device: str) -> float:
+    """Images per second of ``forward`` alone on prepared inputs held in memory."""
+    encoder.forward(prepared[:batch_size])  # warm-up
+    _sync(device)
+    started = time.perf_counter()
+    for i in range(0, len(prepared), batch_size):
+        encoder.forward(prepared[i : i + batch_size])
+    _sync(device)
+    return len(prepared) / (time.perf_counter() - started)
+
+
+def end_to_end(encoder, work: Path, manifest: Path, root: Path, batch_size: int, workers: int) -> tuple[float, dict]:
+    store = work / "store"
+    if store.exists():
+        shutil.rmtree(store)
+    records = CsvManifest(manifest, root=root).records()
+    report = ingest(store, records, encoder=encoder, batch_size=batch_size, workers=workers, commit_every=4096)
+    if report.failed:
+        raise SystemExit(f"ingest failed on {report.failed} files: {report.failures[:3]}")
+    return report.images_per_second, report.to_json(max_failures=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=96, help="number of images (real files repeated under distinct ids)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--half", action="store_true", help="float16 model (cuda only)")
+    parser.add_argument("--full", action="store_true", help="the published architecture (0.36B parameters) instead of the reduced one")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 16 images, batch 8")
+    parser.add_argument("--images", type=Path, default=REAL_CXR, help="folder of chest X-ray files")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.batch_size = 16, 8
+    files = sorted(p for p in args.images.iterdir() if p.is_file()) if args.images.is_dir() else []
+    if not files:
+        raise SystemExit(f"no image files in {args.images}")
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp:
+        work = Path(tmp)
+        os.environ.setdefault("CXRSTORE_CACHE", str(work / "cache"))
+        arch = PUBLISHED_ARCH if args.full else REDUCED_ARCH
+        weights = write_mii_standin(work / "MedImageInsights", arch=arch, seed=0, text_encoder=False)
+        encoder = get_encoder("medimageinsight", weights=weights, device=args.device, half=args.half)
+        names = [files[i % len(files)] for i in range(args.n)]
+        manifest = work / "manifest.csv"
+        manifest.write_text("image_id,path\n" + "".join(f"img{i:06d},{p.name}\n" for i, p in enumerate(names)))
+        prep = encoder.preparer()
+        cache = {p: prep(preprocess(read_image(p.read_bytes()))) for p in files}
+        prepared = [cache[p] for p in names]
+
+        model_runs, ingest_runs, last = [], [], {}
+        for _ in range(args.repeat):  # alternate the two
+            model_runs.append(model_only(encoder, prepared, args.batch_size, args.device))
+            ips, last = end_to_end(encoder, work, manifest, args.images, args.batch_size, args.workers)
+            ingest_runs.append(ips)
+        mo, ie = statistics.median(model_runs), statistics.median(ingest_runs)
+
+    result = {
+        "benchmark": "encode",
+        "encoder": "medimageinsight",
+        "architecture": "published" if args.full else "reduced",
+        "embed_dims": arch["embed_dims"],
+        "depths": arch["depths"],
+        "input_size": arch["image_size"],
+        "device": args.device,
+        "half": args.half,
+        "n_images": args.n,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "repeat": args.repeat,
+        "model_only_images_per_second": round(mo, 2),
+        "ingest_images_per_second": round(ie, 2),
+        "ratio": round(ie / mo, 3) if mo else None,
+        "model_only_runs": [round(x, 2) for x in model_runs],
+        "ingest_runs": [round(x, 2) for x in ingest_runs],
+        "ingest_report": {k: last.get(k) for k in ("added", "failed", "seconds", "commits")},
+        "files": [p.name for p in files],
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "torch": __import__("torch").__version__,
+            "torch_threads": __import__("torch").get_num_threads(),
+        },
+        "cxrstore_version": __version__,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
