@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import click
 
+from cli.classify import classify
+from cli.cluster import cluster
 from cli.common import setup_logging
 from cli.demo import demo
 from cli.export import export
 from cli.import_vectors import import_cmd
+from cli.index import index
 from cli.info import info
 from cli.ingest import ingest
 from cli.models import models
+from cli.search import search
 from cli.verify import verify
 from cxrstore import __version__
 
@@ -28,7 +32,7 @@ def cli(verbose: int) -> None:
     setup_logging(verbose)
 
 
-for command in (ingest, import_cmd, info, verify, export, models, demo):
+for command in (ingest, import_cmd, info, verify, index, search, classify, cluster, export, models, demo):
     cli.add_command(command)
 
 

@@ -185,6 +185,27 @@ class DatasetReport:
             log.warning("%s: %s: %d (e.g. %s)", self.dataset, i.message, i.count, ", ".join(i.examples) or "-")
 
 
+class ScannedDataset:
+    """Base of adapters that read their label files once, at construction.
+
+    Subclasses fill ``self._records`` (records and refusals, in order) and
+    ``self._report`` (a :class:`DatasetReport`).
+    """
+
+    _records: list[ImageRecord | RecordError]
+    _report: DatasetReport
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def records(self) -> Iterator[ImageRecord | RecordError]:
+        yield from self._records
+
+    def report(self) -> DatasetReport:
+        """What was read, and every row or file not turned into a record (counts, examples)."""
+        return self._report
+
+
 def take(items: Iterable[Any], n: int = REPORT_EXAMPLES) -> list[Any]:
     """The first ``n`` items of an iterable."""
     return list(itertools.islice(items, n))

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from cxrstore.datasets.base import (
+    ScannedDataset,
     LABEL_POLICY_COLUMN,
     SPLIT_COLUMN,
     DatasetReport,
@@ -80,7 +81,7 @@ def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
 
 
 @register_dataset
-class MimicCxrJpg:
+class MimicCxrJpg(ScannedDataset):
     """MIMIC-CXR-JPG under ``root``, with harmonised labels under the chosen policies.
 
     Parameters
@@ -155,16 +156,6 @@ class MimicCxrJpg:
         return p
 
     # -- the contract ------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def records(self) -> Iterator[ImageRecord | RecordError]:
-        yield from self._records
-
-    def report(self) -> DatasetReport:
-        """What was read, and every row or file not turned into a record (counts, examples)."""
-        return self._report
-
     def label_policy(self) -> dict[str, Any]:
         """The policy that determines the labels (its id is stored per row)."""
         return {

@@ -36,7 +36,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from cxrstore.datasets.base import (
+    ScannedDataset,
     LABEL_POLICY_COLUMN,
     SPLIT_COLUMN,
     DatasetReport,
@@ -117,7 +118,7 @@ def _read_nih_csv(path: Path, role: str) -> pd.DataFrame:
 
 
 @register_dataset
-class NihCxr14:
+class NihCxr14(ScannedDataset):
     """NIH ChestX-ray14 under ``root``, with harmonised labels.
 
     Parameters
@@ -182,16 +183,6 @@ class NihCxr14:
         self._records = self._scan()
 
     # -- the contract ------------------------------------------------------------
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def records(self) -> Iterator[ImageRecord | RecordError]:
-        yield from self._records
-
-    def report(self) -> DatasetReport:
-        """What was read, and every row or file not turned into a record (counts, examples)."""
-        return self._report
-
     def label_policy(self) -> dict[str, Any]:
         """The policy that determines the labels (its id is stored per row)."""
         return {

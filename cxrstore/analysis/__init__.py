@@ -1,0 +1,1 @@
+"""Analyses over a store: kNN graphs, clustering, embeddings."""
