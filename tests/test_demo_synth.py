@@ -45,6 +45,7 @@ def test_same_seed_identical_different_seed_differs(tmp_path: Path) -> None:
     assert a.read_bytes() == b.read_bytes()
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     assert _digest(tmp_path / "a") != _digest(tmp_path / "c")
+    assert c.read_bytes() != a.read_bytes()
     assert not list((tmp_path / "a").glob(".manifest*"))
 
 
