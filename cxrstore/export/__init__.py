@@ -18,11 +18,9 @@ from cxrstore.export.demo import export_demo
 from cxrstore.export.fusion import (
     Fusion,
     PcaTransform,
-    available_views,
     fit_pca,
     fuse,
     load_pca,
-    register_view,
 )
 from cxrstore.export.writers import (
     FORMATS,
@@ -40,7 +38,6 @@ __all__ = [
     "Exported",
     "Fusion",
     "PcaTransform",
-    "available_views",
     "export",
     "export_demo",
     "find_graph",
@@ -50,5 +47,4 @@ __all__ = [
     "load_pca",
     "read_clinical",
     "read_export",
-    "register_view",
 ]

@@ -9,12 +9,10 @@ workers can share it.
 
 Per model, in this order:
 
-1. **view**: how the stored (flattened) vector is presented. ``"flat"`` is the stored
-   vector as is. Every view of :mod:`cxrstore.store.views` is offered too when that module
-   is present (``"mean"``: ELIXR's 32 x 768 tokens averaged to 768 values); any other view
-   is added with :func:`register_view` (a pure function of a ``(b, dim)`` batch and the
-   model's native shape) and is then accepted by ``view=`` here, in :func:`fit_pca`, the
-   export and the PyTorch dataset, unchanged. A PCA records the view it was fitted on.
+1. **view**: how the stored (flattened) vector is presented, one of
+   :data:`cxrstore.store.views.VIEWS`: ``"flat"`` (the stored vector as is) or ``"mean"``
+   (ELIXR's 32 x 768 tokens averaged to 768 values). A PCA records the view it was
+   fitted on.
 2. **normalize**: divide by the L2 norm (zero vectors stay zero).
 3. **pca**: project with a stored PCA transform (:class:`PcaTransform`), fitted by
    :func:`fit_pca` with sklearn ``IncrementalPCA.partial_fit`` streamed over batches, on a
@@ -32,7 +30,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
 
@@ -43,6 +41,7 @@ from cxrstore.errors import StoreError, UsageError
 from cxrstore.store.results import load_result, save_result
 from cxrstore.store.selection import DEFAULT_BATCH_ROWS, Where, select
 from cxrstore.store.store import Store
+from cxrstore.store.views import apply_view, check_view, model_view_dim, native_shape
 
 logger = logging.getLogger(__name__)
 
@@ -57,76 +56,6 @@ PCA_KIND = "pca"
 PcaSpec = Union[int, str, "PcaTransform", None]
 
 
-# -- views -------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class ViewFunction:
-    """How a stored vector is presented to the fusion.
-
-    Attributes
-    ----------
-    name : str
-    out_dim : callable ``(dim, native_shape) -> int``
-        The output dimension for a model of stored dimension ``dim`` and native shape.
-    apply : callable ``(vectors, native_shape) -> ndarray``
-        Maps a ``(b, dim)`` float32 batch to ``(b, out_dim)``.
-    """
-
-    name: str
-    out_dim: Callable[[int, tuple[int, ...]], int]
-    apply: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
-
-
-_VIEWS: dict[str, ViewFunction] = {}
-
-
-def register_view(name: str, *, out_dim: Callable[[int, tuple[int, ...]], int], apply: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]) -> None:
-    """Register a view of stored vectors (the hook for ELIXR's ``"token-mean"``).
-
-    Parameters
-    ----------
-    name : str
-        The name accepted by ``view=``; a duplicate name is refused.
-    out_dim, apply : callables
-        See :class:`ViewFunction`. ``apply`` must be a pure function of its inputs
-        (it runs in DataLoader workers).
-    """
-    if name in _VIEWS:
-        raise UsageError(f"view {name!r} is already registered")
-    _VIEWS[name] = ViewFunction(name, out_dim, apply)
-
-
-def available_views() -> list[str]:
-    """Names accepted by ``view=``."""
-    return sorted(_VIEWS)
-
-
-def _get_view(name: str) -> ViewFunction:
-    try:
-        return _VIEWS[name]
-    except KeyError:
-        raise UsageError(f"unknown view {name!r}; choose one of {', '.join(available_views())}") from None
-
-
-register_view("flat", out_dim=lambda dim, shape: dim, apply=lambda x, shape: x)
-
-
-def _register_store_views() -> None:
-    """Offer the views of :mod:`cxrstore.store.views` (e.g. ELIXR's token ``"mean"``) when that module exists."""
-    try:
-        from cxrstore.store import views as store_views
-    except ImportError:  # an older cxrstore without store views: "flat" only
-        return
-    for name in getattr(store_views, "VIEWS", ()):
-        if name in _VIEWS:
-            continue
-        register_view(
-            name,
-            out_dim=lambda dim, shape, _n=name: int(store_views.view_dim(_n, dim, tuple(shape))),
-            apply=lambda x, shape, _n=name: store_views.apply_view(x, _n, tuple(shape)),
-        )
-
-
-_register_store_views()
 
 
 # -- pure compute --------------------------------------------------------------------------
@@ -259,18 +188,8 @@ def _as_store(store: Store | str | os.PathLike[str]) -> Store:
     return store if isinstance(store, Store) else Store(store)
 
 
-def _native_shape(store: Store, model: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(s) for s in store.provenance(model).get("native_shape") or (store.commit.models[model].dim,))
-    except (TypeError, ValueError):
-        return (store.commit.models[model].dim,)
-
-
 def _prepared_batches(store: Store, model: str, rows: np.ndarray, *, view: str, normalize: bool, batch_rows: int) -> Iterator[np.ndarray]:
-    vf = _get_view(view)
-    shape = _native_shape(store, model)
-    for _, vecs in select(store, rows=rows).iter_vectors(model, batch_rows=batch_rows):
-        x = vf.apply(vecs, shape)
+    for _, x in select(store, rows=rows).iter_vectors(model, batch_rows=batch_rows, view=view):
         yield l2_normalize(x) if normalize else x
 
 
@@ -301,7 +220,7 @@ def fit_pca(
     normalize : bool
         L2-normalise each vector before fitting (and therefore before applying).
     view : str
-        The view the PCA is fitted on (see :func:`register_view`).
+        The view the PCA is fitted on (see :mod:`cxrstore.store.views`).
     name : str, optional
         The stored result's name; default ``"<model>-pca<n_components>"``.
     batch_rows : int
@@ -320,7 +239,7 @@ def fit_pca(
     if isinstance(n_components, bool) or not isinstance(n_components, (int, np.integer)) or n_components < 1:
         raise UsageError(f"n_components must be a positive integer, got {n_components!r}")
     sel = select(st, where=where, model=model, rows=rows)
-    dim_in = _get_view(view).out_dim(st.commit.models[model].dim, _native_shape(st, model))
+    dim_in = model_view_dim(st, model, view)
     if n_components > dim_in:
         raise UsageError(f"n_components={n_components} exceeds the dimension {dim_in} of model {model!r}")
     if len(sel) < n_components:
@@ -404,7 +323,7 @@ class ModelBlock:
 
     def transform(self, raw: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Stored vectors ``(b, stored dim)`` to this block's ``(b, dim)`` float32 (into ``out`` if given)."""
-        x = _get_view(self.view).apply(np.asarray(raw, dtype=np.float32), self.native_shape)
+        x = apply_view(np.asarray(raw, dtype=np.float32), self.view, self.native_shape)
         if self.normalize and self.pca is None:
             return l2_normalize(x, out=out)
         if self.normalize:
@@ -646,7 +565,7 @@ def fuse(
         Name to save a new PCA under (with several models, ``"<pca_name>-<model>"``);
         default ``"<model>-pca<n>"``.
     view : str or mapping model -> str
-        ``"flat"``; other views are registered with :func:`register_view`.
+        ``"flat"`` or ``"mean"`` (see :mod:`cxrstore.store.views`).
     missing : {"drop", "error"}
         What to do with selected rows that lack a model's vector: drop them (reported in
         :attr:`Fusion.report`), or raise :class:`UsageError` naming how many and which.
@@ -688,9 +607,8 @@ def fuse(
     start = 0
     for m in models:
         v = views[m] if views[m] is not None else "flat"
-        vf = _get_view(v)
-        shape = _native_shape(st, m)
-        dim_in = vf.out_dim(st.commit.models[m].dim, shape)
+        shape = native_shape(st, m)
+        dim_in = model_view_dim(st, m, check_view(v))
         norm = True if norms[m] is None else bool(norms[m])
         spec = pcas[m]
         transform: PcaTransform | None
