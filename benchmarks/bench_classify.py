@@ -54,6 +54,7 @@ from cxrstore.analysis.classify import (
     lightgbm_params,
     make_folds,
 )
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 MODELS = (("elixr-like", 24576), ("mii-like", 1024))
 DATASETS = ("mimic-like", "nih-like")
@@ -196,9 +197,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["cvs"].append(cv)
         out["summary"] = summarize(out["cvs"])
         out["machine"]["loadavg_end"] = loadavg()
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        emit(out, args.out, echo=False)
     return out
 
 
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds is None:
         args.folds = 3 if args.quick else 5
     out = run(args)
-    print(json.dumps(out, indent=2))
+    emit(out, None)
     return 0
 
 

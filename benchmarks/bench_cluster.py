@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxrstore.analysis.cluster import cluster
 from cxrstore.analysis.knn import exact_knn, recall, selection_source
 from cxrstore.store.store import RowData, Store, open_writer
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PROV = {"encoder": {"encoder": "bench-mixture", "version": "1", "params": {}, "weights_sha256": "0" * 64}, "preprocess": {}}
 
@@ -321,8 +322,7 @@ def main() -> None:
             r = one_size(n, d, tmp, seed=args.seed, skip_scanpy=args.skip_scanpy, memory_mb=args.memory_mb, repeats=args.repeats,
                          rate_repeats=args.rate_repeats, method=args.method)
             report["results"].append(r)
-            if args.out:
-                _write(args.out, report)
+            emit(report, args.out, echo=False)
             print(json.dumps({"done": spec, "cxrstore_total_s": r["cxrstore"]["median"]["total_s"],
                               "scanpy_total_s": r.get("scanpy", {}).get("median", {}).get("total_s")}), file=sys.stderr, flush=True)
         if args.memory_rows:
@@ -332,14 +332,7 @@ def main() -> None:
         report["peak_rss_bytes_main"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(report, indent=2, default=float))
-    if args.out:
-        _write(args.out, report)
-
-
-def _write(path: str, report: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ cores, so the ratio there measures contention more than pipelining.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -48,6 +47,7 @@ from cxrstore.encoders.medimageinsight import (
 from cxrstore.ingest import ingest
 from cxrstore.io.preprocess import preprocess
 from cxrstore.io.read import read_image
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 REAL_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-cxr"
 
@@ -151,11 +151,7 @@ def main() -> None:
         },
         "cxrstore_version": __version__,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ reported, with ``ratio = export MB/s / raw read MB/s`` (MB = MB of float32 vecto
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -45,6 +44,7 @@ from cxrstore import __version__
 from cxrstore.export import export
 from cxrstore.export.writers import FORMATS, SUFFIXES
 from cxrstore.store.store import RowData, Store, open_writer
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 MODELS = {"m1024": 1024, "m512": 512}
 PROV = {"encoder": {"encoder": "synthetic", "version": "1", "params": {}, "weights_sha256": None},
@@ -208,11 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["cxrstore_version"] = __version__
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -17,7 +17,6 @@ decode-bound (ratio at least 0.8).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -39,6 +38,7 @@ from cxrstore.datasets.csv_manifest import CsvManifest  # noqa: E402
 from cxrstore.demo.synth import generate_demo  # noqa: E402
 from cxrstore.encoders.base import get_encoder  # noqa: E402
 from cxrstore.ingest import ingest  # noqa: E402
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def _decode(paths: list[str]) -> int:
@@ -117,11 +117,7 @@ def main() -> None:
             "ratio_ingest_over_decode": round(ing / dec, 3),
             "target_ratio": 0.8,
         }
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
+        emit(result, args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -50,6 +50,7 @@ import faiss
 from cxrstore.analysis.retrieve import Retriever
 from cxrstore.index import build_index, normalise, omp_threads, query_threads
 from cxrstore.store.store import RowData, open_writer
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 K = 10
 
@@ -358,15 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         for n, d in sizes:
             report["results"].append(run_size(n, d, args, work))
             report["machine"]["loadavg_after_" + f"{n}x{d}"] = os.getloadavg()
-            if args.out:  # partial results survive an interrupted run
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            emit(report, args.out, echo=False)  # partial results survive an interrupted run
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(report, indent=2, default=str)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,13 @@ def human_bytes(n: int) -> str:
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def finish_run(report: Any, *, as_json: bool, summary: Callable[[Any], None]) -> None:
+    """Print a run's report (JSON or human summary); exit 3 when some inputs failed."""
+    if as_json:
+        echo_json(report.to_json())
+    else:
+        summary(report)
+    if report.failed:
+        sys.exit(EXIT_PARTIAL)

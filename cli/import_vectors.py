@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from cli.common import EXIT_PARTIAL, echo_json, handle_errors, json_option, table
+from cli.common import finish_run, handle_errors, json_option, table
 from cxrstore.importers import FORMATS, ImportReport, import_vectors
 
 
@@ -96,9 +95,4 @@ def import_cmd(store: Path, source: Path, fmt: str | None, model: str, dim: int 
         manifest_path_column=manifest_path_column, dataset_name=dataset_name, strip_suffix=strip_suffix,
         add_suffix=add_suffix, dtype=dtype,
     )
-    if as_json:
-        echo_json(report.to_json())
-    else:
-        print_summary(report)
-    if report.failed:
-        sys.exit(EXIT_PARTIAL)
+    finish_run(report, as_json=as_json, summary=print_summary)

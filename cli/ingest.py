@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import EXIT_PARTIAL, echo_json, handle_errors, json_option, table
+from cli.common import finish_run, handle_errors, json_option, table
 from cxrstore.ingest import IngestReport, ingest_dataset
 
 
@@ -140,12 +140,7 @@ def ingest(store: Path, manifest: Path | None, root: Path | None, dataset: str, 
         preprocess_config=PreprocessConfig(max_side=max_side),
         progress=sys.stderr.isatty() if progress is None else progress,
     )
-    if as_json:
-        echo_json(report.to_json())
-    else:
-        print_summary(report)
-    if report.failed:
-        sys.exit(EXIT_PARTIAL)
+    finish_run(report, as_json=as_json, summary=print_summary)
 
 
 _ONLY = {

@@ -630,8 +630,8 @@ class StoreWriter:
             _write_rows_of(vec, rows, vecs)
             # Presence is stamped after the vectors are on disk.
             _write_rows_of(pres, rows, np.full(rows.size, gen, dtype=np.int32))
-            committed_before = self.store.present(name, rows[rows < n0]).sum() if name in old.models else 0
-            models[name] = ModelEntry(entry.dim, entry.dtype, entry.n_present + int(rows.size - committed_before))
+            # add_vectors refused rows already holding a committed vector: all of these are new.
+            models[name] = ModelEntry(entry.dim, entry.dtype, entry.n_present + int(rows.size))
         nf0 = old.n_failures
         nf1 = nf0 + len(self._failures)
         if self._failures:
