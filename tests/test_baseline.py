@@ -130,3 +130,17 @@ def test_real_signal_on_demo(tmp_path: Path, encoder: Encoder) -> None:
         shuffled[label] = roc_auc_score(y_perm, pred)
     assert all(a > 0.65 for a in aucs.values()), aucs
     assert all(a < 0.62 for a in shuffled.values()), shuffled
+
+
+def test_encoder_rebuilt_from_its_recorded_config() -> None:
+    from cxrstore.encoders.base import encoder_from_config
+
+    original = get_encoder("baseline", work_size=128, hog_bins=6)
+    rebuilt = encoder_from_config(original.config.to_json())
+    assert rebuilt.config == original.config and rebuilt.dim == original.dim
+    tampered = original.config.to_json()
+    tampered["version"] = "0"
+    with pytest.raises(UsageError, match="version differ"):
+        encoder_from_config(EncoderConfig.from_json(tampered))
+    with pytest.raises(UsageError, match="unknown encoder 'nope'"):
+        encoder_from_config({"encoder": "nope", "version": "1", "params": {}})

@@ -25,7 +25,6 @@ of excluded rows); with an approximate index, a filter keeping at most
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -67,39 +66,10 @@ def _check_k(k: int) -> int:
 
 
 def encoder_from_provenance(provenance: dict[str, Any], **options: Any) -> Any:
-    """Rebuild the encoder recorded in a model's provenance.
+    """Rebuild the encoder recorded in a model's provenance (see :func:`encoder_from_config`)."""
+    from cxrstore.encoders.base import encoder_from_config
 
-    The recorded ``params`` that the encoder's constructor accepts are passed to
-    :func:`~cxrstore.encoders.base.get_encoder` with ``options`` (e.g. ``weights=``);
-    the rebuilt encoder's configuration must equal the recorded one.
-
-    Raises
-    ------
-    UsageError
-        If the encoder cannot be rebuilt with the recorded configuration.
-    """
-    from cxrstore.encoders import base as encoders
-
-    recorded = encoders.EncoderConfig.from_json(provenance["encoder"])
-    try:
-        encoder = encoders.get_encoder(recorded.encoder, **{**recorded.params, **options})
-    except UsageError:
-        # Recorded params may describe the algorithm beyond the constructor's options:
-        # pass only those the constructor takes, then compare the whole configuration.
-        encoders._load_builtin()
-        cls = encoders._REGISTRY.get(recorded.encoder)
-        if cls is None:
-            raise
-        sig = inspect.signature(cls.__init__)
-        accepted = {n for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"}
-        encoder = encoders.get_encoder(recorded.encoder, **{**{k: v for k, v in recorded.params.items() if k in accepted}, **options})
-    differ = encoder.config.diff(recorded)
-    if differ:
-        raise UsageError(
-            f"cannot rebuild encoder {recorded.encoder!r} with the model's recorded configuration "
-            f"({', '.join(differ)} differ); pass the matching encoder options (e.g. weights)"
-        )
-    return encoder
+    return encoder_from_config(provenance["encoder"], **options)
 
 
 class Retriever:

@@ -25,6 +25,7 @@ Adding an encoder is one new module with a class decorated by
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -144,6 +145,39 @@ def get_encoder(name: str, **options: Any) -> Encoder:
             f"unknown encoder {name!r}; available: {', '.join(sorted(_REGISTRY))}"
         ) from None
     return cls(**options)
+
+
+def encoder_from_config(config: EncoderConfig | dict[str, Any], **options: Any) -> Encoder:
+    """Rebuild the encoder that a stored configuration describes.
+
+    The recorded ``params`` that the encoder's constructor takes are passed with
+    ``options`` (e.g. ``weights=`` for a model whose weights live elsewhere on this
+    machine); params that describe the algorithm beyond the constructor's options are
+    checked instead: the rebuilt encoder's configuration must equal the recorded one.
+
+    Raises
+    ------
+    UsageError
+        If the encoder is unknown, or cannot be rebuilt with the recorded configuration
+        (the message names the fields that differ).
+    """
+    recorded = config if isinstance(config, EncoderConfig) else EncoderConfig.from_json(config)
+    _load_builtin()
+    cls = _REGISTRY.get(recorded.encoder)
+    if cls is None:
+        raise UsageError(f"unknown encoder {recorded.encoder!r}; available: {', '.join(sorted(_REGISTRY))}")
+    sig = inspect.signature(cls.__init__)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    accepted = {n for n, p in sig.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"self"}
+    params = {k: v for k, v in recorded.params.items() if k in accepted or (takes_any and not accepted)}
+    encoder = cls(**{**params, **options})
+    differ = encoder.config.diff(recorded)
+    if differ:
+        raise UsageError(
+            f"cannot rebuild encoder {recorded.encoder!r} with the recorded configuration "
+            f"({', '.join(differ)} differ); pass the matching encoder options (e.g. weights)"
+        )
+    return encoder
 
 
 def _load_builtin() -> None:
