@@ -598,9 +598,7 @@ def _read_vectors(store: Store, model: str, rows: np.ndarray, view: View) -> np.
     sel = store.select(model=model, rows=uniq)
     if len(sel) != uniq.size:  # pragma: no cover - rows were chosen among present ones
         raise UsageError(f"some sampled rows have no {model!r} vector")
-    parts = [v for _, v in sel.iter_vectors(model, view=view)]
-    mat = np.concatenate(parts).astype(np.float32, copy=False)
-    return mat[inverse]
+    return sel.vectors(model, view=view)[inverse]
 
 
 @dataclasses.dataclass

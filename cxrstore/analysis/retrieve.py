@@ -115,7 +115,7 @@ class Retriever:
         bounds = np.flatnonzero(np.diff(codes[order])) + 1
         self._group_rows = dict(zip(uniques, np.split(order.astype(np.int64), bounds))) if len(order) else {}
         ids = meta["image_id"].astype(str).to_numpy()
-        variants = self.store.column("variant").astype(str)
+        variants = meta["variant"].astype(str).to_numpy()
         self._row_of: dict[str, int] = {}
         for r, (i, v) in enumerate(zip(ids, variants)):
             if v == "original" or i not in self._row_of:
