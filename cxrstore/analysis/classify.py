@@ -508,21 +508,42 @@ def cross_validate(
     n_folds = int(fold.max()) + 1
     aug_index = np.empty(0, dtype=np.int64) if aug_index is None else np.asarray(aug_index, dtype=np.int64)
     aug_source = np.empty(0, dtype=np.int64) if aug_source is None else np.asarray(aug_source, dtype=np.int64)
-    oof = np.full(y.size, np.nan)
-    rows = []
-    for k in range(n_folds):
-        test = np.flatnonzero(fold == k)
-        train = np.flatnonzero(fold != k)
-        if aug_index.size:
-            train = np.concatenate([train, aug_index[fold[aug_source] != k]])
-        t0 = time.perf_counter()
-        oof[test] = fitter.fit_predict(train, test)
-        seconds = time.perf_counter() - t0
-        m = binary_metrics(y[test], oof[test])
-        rows.append({"fold": k, "n_train": int(train.size), "n_test": int(test.size), **m, "seconds": seconds})
-    fm = pd.DataFrame(rows)
+    oof, fm = _fold_loop(fitter, n_folds, fold, fold, y, aug_index, aug_source)
     summary = summarize(fm, y, oof, groups, n_boot=n_boot, seed=seed, level=level)
     return CVResult(fold=fold, oof=oof, fold_metrics=fm, summary=summary, build_seconds=float(fitter.build_seconds))
+
+
+def _fold_loop(
+    fitter: LightGBMFitter | LogisticFitter,
+    n_folds: int,
+    train_fold: np.ndarray,
+    test_fold: np.ndarray,
+    y_test: np.ndarray,
+    aug_index: np.ndarray,
+    aug_source: np.ndarray,
+    *,
+    test_offset: int = 0,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Fit on every fold but k, predict fold k: out-of-fold scores and per-fold metrics.
+
+    ``train_fold``/``test_fold`` give each training/test row's fold (the same array for
+    cross-validation; two data sets for transfer, the test rows then sitting at
+    ``test_offset + position`` in the fitter's data). Augmented rows ``aug_index`` train
+    only in the folds where their source (``aug_source``, a training position) trains.
+    """
+    oof = np.full(y_test.size, np.nan)
+    rows = []
+    for k in range(n_folds):
+        train = np.flatnonzero(train_fold != k)
+        if aug_index.size:
+            train = np.concatenate([train, aug_index[train_fold[aug_source] != k]])
+        test = np.flatnonzero(test_fold == k)
+        t0 = time.perf_counter()
+        oof[test] = fitter.fit_predict(train, test_offset + test)
+        seconds = time.perf_counter() - t0
+        m = binary_metrics(y_test[test], oof[test])
+        rows.append({"fold": k, "n_train": int(train.size), "n_test": int(test.size), **m, "seconds": seconds})
+    return oof, pd.DataFrame(rows)
 
 
 def transfer_validate(
@@ -554,19 +575,7 @@ def transfer_validate(
     n_tr = y_train.size
     aug_index = np.empty(0, dtype=np.int64) if aug_index is None else np.asarray(aug_index, dtype=np.int64)
     aug_source = np.empty(0, dtype=np.int64) if aug_source is None else np.asarray(aug_source, dtype=np.int64)
-    oof = np.full(y_test.size, np.nan)
-    rows = []
-    for k in range(folds):
-        train = np.flatnonzero(f_train != k)
-        if aug_index.size:
-            train = np.concatenate([train, aug_index[f_train[aug_source] != k]])
-        test_pos = np.flatnonzero(f_test == k)
-        t0 = time.perf_counter()
-        oof[test_pos] = fitter.fit_predict(train, n_tr + test_pos)
-        seconds = time.perf_counter() - t0
-        m = binary_metrics(y_test[test_pos], oof[test_pos])
-        rows.append({"fold": k, "n_train": int(train.size), "n_test": int(test_pos.size), **m, "seconds": seconds})
-    fm = pd.DataFrame(rows)
+    oof, fm = _fold_loop(fitter, folds, f_train, f_test, y_test, aug_index, aug_source, test_offset=n_tr)
     summary = summarize(fm, y_test, oof, groups_test, n_boot=n_boot, seed=seed, level=level)
     return CVResult(fold=f_test, oof=oof, fold_metrics=fm, summary=summary, build_seconds=float(fitter.build_seconds))
 
