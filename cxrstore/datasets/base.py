@@ -188,10 +188,13 @@ class DatasetReport:
 class ScannedDataset:
     """Base of adapters that read their label files once, at construction.
 
-    Subclasses fill ``self._records`` (records and refusals, in order) and
-    ``self._report`` (a :class:`DatasetReport`).
+    Subclasses set ``root`` and ``check_images``, fill ``self._records`` (records and
+    refusals, in order) and ``self._report`` (a :class:`DatasetReport`), and say where
+    their labels come from (:meth:`label_policy`, :meth:`label_sources`).
     """
 
+    root: Path
+    check_images: bool
     _records: list[ImageRecord | RecordError]
     _report: DatasetReport
 
@@ -204,6 +207,27 @@ class ScannedDataset:
     def report(self) -> DatasetReport:
         """What was read, and every row or file not turned into a record (counts, examples)."""
         return self._report
+
+    def label_policy(self) -> dict[str, Any]:
+        """The policy that determines the labels (its id is stored with every row)."""
+        raise NotImplementedError
+
+    def label_sources(self) -> dict[str, str]:
+        """Where each harmonised label comes from, in words."""
+        raise NotImplementedError
+
+    def policies(self) -> dict[str, Any]:
+        """Everything in force, recorded with the run: the label policy and its id, root, options."""
+        from cxrstore.datasets.labels import policy_id
+
+        pol = self.label_policy()
+        return {
+            **pol,
+            "label_policy_id": policy_id(pol),
+            "root": str(self.root),
+            "check_images": self.check_images,
+            "labels": self.label_sources(),
+        }
 
 
 def take(items: Iterable[Any], n: int = REPORT_EXAMPLES) -> list[Any]:

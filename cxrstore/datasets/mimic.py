@@ -168,15 +168,8 @@ class MimicCxrJpg(ScannedDataset):
             "views": list(self.policy.views),
         }
 
-    def policies(self) -> dict[str, Any]:
-        pol = self.label_policy()
-        return {
-            **pol,
-            "label_policy_id": policy_id(pol),
-            "root": str(self.root),
-            "check_images": self.check_images,
-            "labels": {n: f"{self.policy.labeller} column {r['column']!r}" for n, r in self.rules},
-        }
+    def label_sources(self) -> dict[str, str]:
+        return {n: f"{self.policy.labeller} column {r['column']!r}" for n, r in self.rules}
 
     # -- reading -----------------------------------------------------------------
     def _labels_by_study(self) -> tuple[dict[str, int], dict[str, np.ndarray], set[str]]:

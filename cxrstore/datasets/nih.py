@@ -196,15 +196,8 @@ class NihCxr14(ScannedDataset):
             "not_mentioned": "negative (a finding not listed in Finding Labels is negative)",
         }
 
-    def policies(self) -> dict[str, Any]:
-        pol = self.label_policy()
-        return {
-            **pol,
-            "label_policy_id": policy_id(pol),
-            "root": str(self.root),
-            "check_images": self.check_images,
-            "labels": {n: _describe(r, self.opacity_fallback) for n, r in self.rules},
-        }
+    def label_sources(self) -> dict[str, str]:
+        return {n: _describe(r, self.opacity_fallback) for n, r in self.rules}
 
     # -- reading -----------------------------------------------------------------
     def _find_expert(self, expert: str | Path | bool | None) -> list[Path]:
