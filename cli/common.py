@@ -77,3 +77,26 @@ def finish_run(report: Any, *, as_json: bool, summary: Callable[[Any], None]) ->
         summary(report)
     if report.failed:
         sys.exit(EXIT_PARTIAL)
+
+
+def parse_key_values(items: tuple[str, ...] | list[str], flag: str) -> dict[str, Any]:
+    """``("a=1", "b=text")`` -> ``{"a": 1, "b": "text"}``: a value is JSON when it parses, text otherwise.
+
+    Raises
+    ------
+    click.UsageError
+        On an item without ``=``, an empty key, or a key given twice (naming ``flag``).
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise click.UsageError(f"{flag} expects KEY=VALUE, got {item!r}")
+        if key in out:
+            raise click.UsageError(f"{flag} {key} is given twice")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cli.common import finish_run, handle_errors, json_option, table
+from cli.common import finish_run, handle_errors, json_option, parse_key_values, table
 from cxrstore.ingest import IngestReport, ingest_dataset
 
 
@@ -76,6 +76,9 @@ def print_summary(report: IngestReport) -> None:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Where the encoder runs [default: the encoder's].")
 @click.option("--half", is_flag=True, default=False, help="Run the encoder in half precision (GPU only).")
 @click.option("--encoder-batch", type=click.IntRange(min=1), help="Images per model call inside the encoder.")
+@click.option("--encoder-option", "encoder_option", multiple=True, metavar="KEY=VALUE",
+              help="Another encoder option (repeatable), e.g. output=all_contrastive_img_emb for elixr-v2; "
+                   "VALUE is read as JSON when it parses (numbers, true/false), as text otherwise.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @json_option
 @handle_errors
@@ -85,7 +88,7 @@ def ingest(store: Path, manifest: Path | None, root: Path | None, dataset: str, 
            uncertain: str | None, not_mentioned: str | None, views: str | None, nih_opacity_fallback: str | None,
            label_map: Path | None, label_file: Path | None, patients: Path | None, check_images: bool,
            weights: Path | None, device: str | None, half: bool, encoder_batch: int | None,
-           progress: bool | None, as_json: bool) -> None:
+           encoder_option: tuple[str, ...], progress: bool | None, as_json: bool) -> None:
     """Embed the images of a dataset into STORE (created if absent).
 
     Re-running resumes: images already stored with this model are skipped.
@@ -98,6 +101,8 @@ def ingest(store: Path, manifest: Path | None, root: Path | None, dataset: str, 
       cxrstore ingest mystore --dataset nih-cxr14 --root /data/nih --augment brighter,rot+45
       cxrstore ingest mystore --manifest images.csv --encoder medimageinsight \\
           --weights /models/MedImageInsights --device cuda --half --batch-size 64
+      cxrstore ingest mystore --manifest images.csv --encoder elixr-v2 --weights /models/cxr-foundation \\
+          --model elixr-contrastive --encoder-option output=all_contrastive_img_emb
     """
     from cxrstore.io.preprocess import PreprocessConfig
 
@@ -125,6 +130,10 @@ def ingest(store: Path, manifest: Path | None, root: Path | None, dataset: str, 
                                    label_map=label_map, label_file=label_file, patients=patients, check_images=check_images)
     encoder_options = {k: v for k, v in {"weights": weights, "device": device, "half": half or None,
                                           "batch": encoder_batch}.items() if v is not None}
+    for key, value in parse_key_values(encoder_option, "--encoder-option").items():
+        if key in encoder_options:
+            raise click.UsageError(f"--encoder-option {key}=... repeats an option given by its own flag")
+        encoder_options[key] = value
     report = ingest_dataset(
         store,
         dataset=dataset,

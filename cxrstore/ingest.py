@@ -5,6 +5,16 @@ apply the uniform preprocessing, and run the encoder's ``prepare`` step, all in 
 processes; then the encoder's ``forward`` on batches in this process, and staged rows
 committed every ``commit_every`` rows or ``commit_seconds`` seconds.
 
+Three stages run at once so that the model never waits on the CPU: worker processes
+decode ahead (up to ``4 x workers`` chunks in flight); ``forward`` runs in one
+background thread (torch, TensorFlow and numpy release the GIL while they compute)
+on batch *n* while the main thread collects batch *n + 1* from the workers and
+writes the vectors of batch *n - 1* to the store. At most ``forward_depth`` batches
+(default 2: one computing, one queued) wait on the model, and their results are
+written in submission order, so a run stores the same rows in the same order as a
+strictly sequential one. A commit covers the rows written so far; batches still with
+the model are written after it and committed by the next.
+
 Idempotent and resumable: a row is keyed by (image id, variant), and an image whose row
 already holds a committed vector of the model is skipped without being read. Killed at
 any point, a re-run continues where the last commit stopped. A file that cannot be read
@@ -36,7 +46,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +243,7 @@ def ingest(
     progress: bool = False,
     augment: str | Sequence[str] | bool | None = None,
     dataset_report: dict[str, Any] | None = None,
+    forward_depth: int = 2,
 ) -> IngestReport:
     """Encode images into ``store`` (created if absent) under ``model``.
 
@@ -267,6 +278,10 @@ def ingest(
         five, or names (``"brighter,rot+45"``); see :mod:`cxrstore.augment`.
     dataset_report : dict, optional
         The adapter's report (``DatasetReport.to_json()``), kept in the run summary.
+    forward_depth : int
+        Batches submitted to the encoder's background thread before the oldest one's
+        vectors are written (2: the model computes one while the next waits). 0 runs
+        ``forward`` in this thread, strictly in turn with decoding and writing.
 
     Returns
     -------
@@ -277,6 +292,8 @@ def ingest(
     """
     if batch_size < 1 or commit_every < 1:
         raise UsageError("batch_size and commit_every must be positive")
+    if forward_depth < 0:
+        raise UsageError(f"forward_depth must be 0 or more, got {forward_depth}")
     variants = parse_variants(augment)
     prep = preprocess_config or PreprocessConfig()
     model = model or encoder.name
@@ -328,13 +345,40 @@ def ingest(
         failed_sources: set[str] = set()
         last_commit = time.monotonic()
 
+        forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrstore-forward") if forward_depth else None
+        pending: collections.deque[tuple[list[Any], Future[np.ndarray]]] = collections.deque()
+
         def flush() -> None:
-            if not batch:
-                return
-            vecs = np.asarray(encoder.forward([b[3] for b in batch]), dtype=np.float32)
+            """Hand the gathered batch to the model; write the oldest result when enough wait."""
+            if batch:
+                done = list(batch)
+                batch.clear()
+                inputs = [b[3] for b in done]
+                if forward_pool is None:
+                    write(done, encoder.forward(inputs))
+                else:
+                    pending.append((done, forward_pool.submit(encoder.forward, inputs)))
+            while len(pending) > forward_depth:
+                done, fut = pending.popleft()
+                write(done, fut.result())
+
+        def drain() -> None:
+            """Write every submitted batch (at the end of the run)."""
+            flush()
+            while pending:
+                done, fut = pending.popleft()
+                write(done, fut.result())
+
+        def write(done: list[Any], out: np.ndarray) -> None:
+            vecs = np.asarray(out, dtype=np.float32)
+            if vecs.shape != (len(done), encoder.dim):
+                raise CxrStoreError(
+                    f"encoder {encoder.name!r} returned shape {vecs.shape} for {len(done)} images; "
+                    f"expected ({len(done)}, {encoder.dim})"
+                )
             rows: list[int] = []
             keep: list[int] = []
-            for i, (rec, variant, row, _, sha) in enumerate(batch):
+            for i, (rec, variant, row, _, sha) in enumerate(done):
                 what = rec.image_id if variant == ORIGINAL else f"{rec.image_id} ({variant})"
                 source_row = -1
                 if variant != rec.variant:  # an augmentation of the record's image
@@ -370,7 +414,6 @@ def ingest(
                 keep.append(i)
             if rows:
                 writer.add_vectors(model, rows, vecs[keep])
-            batch.clear()
 
         items = [(str(rec.abs_path), tuple(v for v, _ in need)) for rec, need in todo]
         try:
@@ -387,13 +430,15 @@ def ingest(
                         flush()
                 staged = writer.staged_vectors
                 if staged >= commit_every or (staged and time.monotonic() - last_commit > commit_seconds):
-                    flush()
+                    # commits what is written; batches still with the model stay in flight
                     writer.commit()
                     report.commits += 1
                     last_commit = time.monotonic()
-            flush()
+            drain()
         finally:
             bar.close()
+            if forward_pool is not None:
+                forward_pool.shutdown(wait=True, cancel_futures=True)
         report.seconds = time.perf_counter() - started
         summary: dict[str, Any] = {
             **report.to_json(max_failures=0),

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from cli.common import EXIT_PARTIAL, EXIT_USAGE, EXIT_VERIFY_FAILED
 from cli.main import cli
 from cxrstore.schemas import validate
+from cxrstore.store.store import Store
 from cxrstore.store import format as fmt
 
 
@@ -69,3 +70,18 @@ def test_verify_exit_code_on_corruption(tmp_path: Path, small_demo: Path) -> Non
     res = runner.invoke(cli, ["verify", str(tmp_path / "s")])
     assert res.exit_code == EXIT_VERIFY_FAILED
     assert "models/baseline/vectors" in res.output and "corrupt" in res.output
+
+
+def test_encoder_options_reach_the_encoder_and_are_recorded(tmp_path: Path, small_demo: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(cli, _ingest_args(tmp_path / "s", small_demo, "--encoder-option", "hog_bins=6",
+                                          "--encoder-option", "hist_bins=8", "--json"))
+    assert res.exit_code == 0, res.output
+    params = Store(tmp_path / "s").provenance("baseline")["encoder"]["params"]
+    assert params["hog_bins"] == 6 and params["hist_bins"] == 8  # JSON numbers, not text
+    res = runner.invoke(cli, _ingest_args(tmp_path / "t", small_demo, "--encoder-option", "colour=red"))
+    assert res.exit_code == 2 and "unknown option(s) for encoder 'baseline': colour" in res.output
+    res = runner.invoke(cli, _ingest_args(tmp_path / "t", small_demo, "--encoder-option", "hog_bins"))
+    assert res.exit_code == 2 and "KEY=VALUE" in res.output
+    res = runner.invoke(cli, _ingest_args(tmp_path / "t", small_demo, "--encoder-option", "weights=x"))
+    assert res.exit_code != 0 and "unknown option(s) for encoder 'baseline': weights" in res.output

@@ -135,3 +135,79 @@ def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
     adapter = CsvManifest(tmp_path / "l.csv", root=tmp_path, labels=["A", "B"])
     rec = next(adapter.records())
     assert rec.labels == {"A": 1.0, "B": None} and rec.extra == {"site": "north"}
+
+
+class _GatedEncoder:
+    """Wraps the baseline encoder; ``forward`` of batch ``b`` waits (up to ``wait`` s) until
+    the main thread has prepared an image of batch ``b + 1``: only a pipelined ingest,
+    which gathers the next batch while the model computes, can let that happen."""
+
+    name = "baseline"
+
+    def __init__(self, batch_size: int, n_images: int, wait: float) -> None:
+        self.inner = get_encoder("baseline")
+        self.config, self.dim, self.native_shape = self.inner.config, self.inner.dim, self.inner.native_shape
+        self.batch_size, self.n_images, self.wait = batch_size, n_images, wait
+        self.prepared = 0
+        self.calls = 0
+        self.overlapped: list[bool] = []
+        self.threads: set[str] = set()
+        import threading
+
+        self._cond = threading.Condition()
+        self._threading = threading
+
+    def preparer(self):
+        prep = self.inner.preparer()
+
+        def counted(image: np.ndarray) -> np.ndarray:
+            with self._cond:
+                self.prepared += 1
+                self._cond.notify_all()
+            return prep(image)
+
+        return counted
+
+    def forward(self, batch):
+        self.threads.add(self._threading.current_thread().name)
+        b = self.calls
+        self.calls += 1
+        target = (b + 1) * self.batch_size + 1
+        if target <= self.n_images:
+            with self._cond:
+                self.overlapped.append(self._cond.wait_for(lambda: self.prepared >= target, timeout=self.wait))
+        return self.inner.forward(batch)
+
+
+def test_forward_runs_beside_decoding_and_stores_the_same_rows(tmp_path: Path, small_demo: Path) -> None:
+    n = len(pd.read_csv(small_demo / "manifest.csv"))
+    adapter = CsvManifest(small_demo / "manifest.csv", root=small_demo, dataset_name="demo")
+    piped = _GatedEncoder(4, n, wait=30.0)
+    ingest(tmp_path / "p", adapter.records(), encoder=piped, batch_size=4, workers=0, commit_every=6)
+    assert piped.overlapped and all(piped.overlapped)  # the next batch was gathered while forward ran
+    assert piped.threads == {"cxrstore-forward_0"}
+    serial = _GatedEncoder(4, n, wait=0.05)
+    ingest(tmp_path / "s", adapter.records(), encoder=serial, batch_size=4, workers=0, commit_every=6, forward_depth=0)
+    assert serial.overlapped and not any(serial.overlapped)  # in turn: nothing gathered while forward ran
+    p, s = Store(tmp_path / "p"), Store(tmp_path / "s")
+    assert p.metadata()["image_id"].tolist() == s.metadata()["image_id"].tolist()
+    np.testing.assert_array_equal(p.select(model="baseline").vectors(), s.select(model="baseline").vectors())
+    assert verify(p).ok
+
+
+def test_forward_errors_surface_and_nothing_half_written_is_visible(tmp_path: Path, small_demo: Path) -> None:
+    class Failing(_GatedEncoder):
+        def forward(self, batch):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("model crashed")
+            return self.inner.forward(batch)
+
+    adapter = CsvManifest(small_demo / "manifest.csv", root=small_demo, dataset_name="demo")
+    with pytest.raises(RuntimeError, match="model crashed"):
+        ingest(tmp_path / "f", adapter.records(), encoder=Failing(4, 0, 0.0), batch_size=4, workers=0, commit_every=4)
+    store = Store(tmp_path / "f")
+    assert store.n_rows % 4 == 0 and store.n_rows <= 8  # only whole committed batches before the crash
+    assert verify(store).ok
+    resumed = _ingest(tmp_path / "f", small_demo)
+    assert resumed.skipped == store.n_rows and verify(Store(tmp_path / "f")).ok
