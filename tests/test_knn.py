@@ -210,3 +210,37 @@ def test_gpu_block_logic_with_a_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) ->
     g = exact_knn(array_source(x), 230, k=7, block_rows=50, device="auto")
     assert g.stats["device"] == "gpu" and calls
     assert_same_graph(g.indices, g.sims, x)
+
+
+def _numpy_topk(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_topk_kernels_equal_numpy_both_directions(threads: int) -> None:
+    """merge_rows / merge_cols keep exactly the k largest per row and per column of a block
+    stream, at any thread count (every list is updated by one thread, in order)."""
+    import numba
+
+    from cxrstore.analysis._topk import empty_lists, merge_cols, merge_rows
+
+    rng = np.random.default_rng(threads)
+    full = rng.standard_normal((90, 130)).astype(np.float32)
+    k = 6
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        D, I = empty_lists(90 + 130, k)  # noqa: E741 rows 0..89 for rows of full, 90.. for its columns
+        for c0 in range(0, 130, 40):  # column blocks of the stream
+            block = np.ascontiguousarray(full[:, c0 : c0 + 40])
+            merge_rows(block, D, I, 0, 90 + c0)
+            merge_cols(block, D, I, 0, 90 + c0, 3)
+    finally:
+        numba.set_num_threads(before)
+    want_d, want_i = _numpy_topk(full, k)
+    np.testing.assert_array_equal(D[:90], want_d)
+    np.testing.assert_array_equal(I[:90], want_i + 90)
+    want_d, want_i = _numpy_topk(full.T, k)
+    np.testing.assert_array_equal(D[90:], want_d)
+    np.testing.assert_array_equal(I[90:], want_i)

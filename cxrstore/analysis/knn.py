@@ -8,11 +8,11 @@ is turned into one by :func:`selection_source`; an in-memory array by
 of similarities, whatever ``n`` is (plus the ``n x k`` result).
 
 Exact mode (:func:`exact_knn`) computes every similarity by blocked matrix products and
-keeps a running top-k per row (FAISS's ``ResultHeap``, the pattern of FAISS's
-``contrib.exhaustive_search.knn_ground_truth``). Similarity is symmetric, so each pair
-of blocks is multiplied once and the product updates the heaps of both blocks' rows:
-half the arithmetic of a plain ``IndexFlatIP`` search. On a machine with GPU FAISS the
-block products run on the GPU instead.
+keeps a running top-k per row (the sorted lists of :mod:`cxrstore.analysis._topk`, one
+streaming pass over each product). Similarity is symmetric, so each pair of blocks is
+multiplied once and the product updates the lists of both blocks' rows: half the
+arithmetic of a plain ``IndexFlatIP`` search. On a machine with GPU FAISS the block
+products run on the GPU instead.
 
 Approximate mode (:func:`approximate_knn`) builds a FAISS IVF index (inner product on
 normalised vectors) and reports nothing by itself: measure its recall with
@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import faiss
+import numba
 import numpy as np
 
+from cxrstore.analysis._topk import empty_lists, merge_cols, merge_rows, merge_rows_ids
 from cxrstore.errors import UsageError
 
 if TYPE_CHECKING:
@@ -44,9 +46,6 @@ VectorSource = Callable[[int, int], Iterable[np.ndarray]]
 Device = Literal["auto", "cpu", "gpu"]
 DEVICES = ("auto", "cpu", "gpu")
 APPROX_METHODS = ("ivf",)
-
-#: Columns of the transposed similarity tile fed to the heaps of the second block.
-_TILE = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +182,8 @@ def exact_knn(
     _check_k(k, n)
     dev = _resolve_device(device)
     t0 = time.perf_counter()
-    heap = faiss.ResultHeap(n, k, keep_max=True)
+    D, I = empty_lists(n, k)  # noqa: E741
+    parts = max(1, numba.get_num_threads())
     gpu_res = faiss.StandardGpuResources() if dev == "gpu" else None
     flops = 0.0
     matmul_s = 0.0
@@ -209,16 +209,15 @@ def exact_knn(
         dim = q.shape[1]
         bi = q.shape[0]
         rows_read += bi
-        qpos = np.arange(i0, i0 + bi, dtype=np.int64)
         # the diagonal block: self excluded
         tm = time.perf_counter()
         if gpu_res is not None:
-            _gpu_pair(gpu_res, heap, q, q, qpos, qpos, k, diagonal=True)
+            _gpu_pair(gpu_res, D, I, q, q, i0, i0, k, diagonal=True)
         else:
             s = q @ q.T
             np.fill_diagonal(s, -np.inf)
             matmul_s += time.perf_counter() - tm
-            heap.add_result_subset(qpos, s, qpos)
+            merge_rows(s, D, I, i0, i0)
             del s
         flops += 2.0 * bi * bi * dim
         j0 = i0 + bi
@@ -229,17 +228,14 @@ def exact_knn(
             if j0 + bj > n:
                 raise ValueError(f"vector source yielded more than the {n} rows announced")
             rows_read += bj
-            xpos = np.arange(j0, j0 + bj, dtype=np.int64)
             tm = time.perf_counter()
             if gpu_res is not None:
-                _gpu_pair(gpu_res, heap, q, x, qpos, xpos, k, diagonal=False)
+                _gpu_pair(gpu_res, D, I, q, x, i0, j0, k, diagonal=False)
             else:
                 s = q @ x.T
                 matmul_s += time.perf_counter() - tm
-                heap.add_result_subset(qpos, s, xpos)
-                for c in range(0, bj, _TILE):
-                    tile = np.ascontiguousarray(s[:, c : c + _TILE].T)
-                    heap.add_result_subset(xpos[c : c + _TILE], tile, qpos)
+                merge_rows(s, D, I, i0, j0)
+                merge_cols(s, D, I, i0, j0, parts)
                 del s
             flops += 2.0 * bi * bj * dim
             j0 += bj
@@ -248,7 +244,6 @@ def exact_knn(
             raise ValueError(f"vector source yielded {j0} rows, expected {n}")
         i0 += bi
         del q
-    heap.finalize()
     seconds = time.perf_counter() - t0
     stats = {
         "method": "exact",
@@ -263,24 +258,24 @@ def exact_knn(
         "passes": rows_read / n,
     }
     logger.info("exact kNN: %d rows, k=%d, %.1f s (%.1f GFLOP/s)", n, k, seconds, stats["gflops_per_s"])
-    return KnnGraph(indices=heap.I, sims=heap.D, stats=stats)
+    return KnnGraph(indices=I, sims=D, stats=stats)
 
 
-def _gpu_pair(res: Any, heap: Any, q: np.ndarray, x: np.ndarray, qpos: np.ndarray, xpos: np.ndarray, k: int, *, diagonal: bool) -> None:
+def _gpu_pair(res: Any, D: np.ndarray, I: np.ndarray, q: np.ndarray, x: np.ndarray, i0: int, j0: int, k: int, *, diagonal: bool) -> None:  # noqa: E741
     """One block pair on the GPU: top-k both ways with ``faiss.knn_gpu`` (not symmetric)."""
     metric = faiss.METRIC_INNER_PRODUCT
     if diagonal:
         kk = min(k + 1, q.shape[0])
         d, i = faiss.knn_gpu(res, q, q, kk, metric=metric)
-        d = np.where(i == np.arange(q.shape[0])[:, None], -np.inf, d).astype(np.float32)
-        heap.add_result_subset(qpos, d, xpos[i])
+        i = np.where(i == np.arange(q.shape[0])[:, None], -1, i)
+        merge_rows_ids(np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + i0, -1), D, I, i0)
         return
     kk = min(k, x.shape[0])
     d, i = faiss.knn_gpu(res, q, x, kk, metric=metric)
-    heap.add_result_subset(qpos, d, xpos[i])
+    merge_rows_ids(np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + j0, -1), D, I, i0)
     kk = min(k, q.shape[0])
     d, i = faiss.knn_gpu(res, x, q, kk, metric=metric)
-    heap.add_result_subset(xpos, d, qpos[i])
+    merge_rows_ids(np.ascontiguousarray(d, np.float32), np.where(i >= 0, i + i0, -1), D, I, j0)
 
 
 def approximate_knn(
