@@ -1,22 +1,24 @@
-"""Encoder throughput: end-to-end ingest against the model alone, MedImageInsight.
+"""Encoder throughput: end-to-end ingest against the model alone.
 
-Measures, with the same MedImageInsight model (random weights in the real folder layout:
-the reduced test architecture by default, the published size with ``--full``) and the
-same batch size:
+Measures, with the same model (random weights in the real folder layout of ``--encoder``:
+the reduced test size by default, the published size with ``--full`` for
+``medimageinsight`` and ``torchxrayvision``) and the same batch size:
 
 - ``model_only``: ``encoder.forward`` on inputs already prepared and held in memory
   (what a user timing the bare model would measure): images per second, after one
   warm-up batch;
 - ``ingest``: ``cxrstore.ingest.ingest`` end to end on real chest X-ray files (those of
   ``../shared/data/real-cxr``, repeated under distinct ids to reach ``--n`` images):
-  read, sha256, decode, uniform preprocessing and the bicubic resize in worker
-  processes, the model in this process, store writes and commits.
+  read, sha256, decode, uniform preprocessing and the encoder's ``prepare`` in worker
+  processes, ``forward`` in a background thread of this process (two batches deep),
+  store writes and commits in the main thread.
 
 ``ratio = ingest / model_only``: 1.0 means the model never waits for decoding. Each is
 run once (``--repeat`` for more, median reported). On the CPU both compete for the same
 cores, so the ratio there measures contention more than pipelining.
 
     python benchmarks/bench_encode.py --quick
+    python benchmarks/bench_encode.py --encoder torchxrayvision --n 96
     python benchmarks/bench_encode.py --full --device cuda --half --batch-size 64 --n 1024 --workers 14
 """
 
@@ -39,11 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cxrstore import __version__
 from cxrstore.datasets.csv_manifest import CsvManifest
 from cxrstore.encoders.base import get_encoder
-from cxrstore.encoders.medimageinsight import (
-    PUBLISHED_ARCH,
-    REDUCED_ARCH,
-    write_mii_standin,
-)
 from cxrstore.ingest import ingest
 from cxrstore.io.preprocess import preprocess
 from cxrstore.io.read import read_image
@@ -52,11 +49,51 @@ from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as 
 REAL_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-cxr"
 
 
+def _version(module: str) -> str | None:
+    mod = sys.modules.get(module)
+    return getattr(mod, "__version__", None) if mod else None
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
+
+
+ENCODERS = ("medimageinsight", "torchxrayvision", "hf-vision", "open-clip", "elixr-v2")
+
+
+def write_standin(name: str, work: Path, full: bool) -> tuple[Path, dict]:
+    """Random weights for ``name`` in its real layout; returns (weights path, size description)."""
+    if full and name not in ("medimageinsight", "torchxrayvision"):
+        raise SystemExit(f"--full is available for medimageinsight and torchxrayvision, not {name}")
+    if name == "medimageinsight":
+        from cxrstore.encoders.medimageinsight import PUBLISHED_ARCH, REDUCED_ARCH, write_mii_standin
+
+        arch = PUBLISHED_ARCH if full else REDUCED_ARCH
+        path = write_mii_standin(work / "MedImageInsights", arch=arch, seed=0, text_encoder=False)
+        return path, {k: arch[k] for k in ("embed_dims", "depths", "image_size")}
+    if name == "torchxrayvision":
+        from cxrstore.encoders.densenet import DENSENET121
+        from cxrstore.encoders.xrv import TINY_ARCH, write_xrv_standin
+
+        arch = DENSENET121 if full else TINY_ARCH
+        keys = ("growth_rate", "block_config", "num_init_features", "bn_size")
+        return write_xrv_standin(work / "xrv.pt", **{k: arch[k] for k in keys}), {k: arch[k] for k in keys}
+    if name == "hf-vision":
+        from cxrstore.encoders.hf_vision import write_hf_standin
+
+        return write_hf_standin(work / "rad-dino"), {"model": "reduced Dinov2 (write_hf_standin defaults)"}
+    if name == "open-clip":
+        from cxrstore.encoders.openclip import write_openclip_standin
+
+        return write_openclip_standin(work / "open-clip"), {"model": "reduced timm ViT (write_openclip_standin defaults)"}
+    if name == "elixr-v2":
+        from cxrstore.encoders.elixr import write_elixr_standin
+
+        return write_elixr_standin(work / "cxr-foundation"), {"model": "stand-in SavedModels (write_elixr_standin)"}
+    raise SystemExit(f"unknown encoder {name!r}; one of {', '.join(ENCODERS)}")
 
 
 def model_only(encoder, prepared: list[np.ndarray], batch_size: int, device: str) -> float:
@@ -88,7 +125,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--half", action="store_true", help="float16 model (cuda only)")
-    parser.add_argument("--full", action="store_true", help="the published architecture (0.36B parameters) instead of the reduced one")
+    parser.add_argument("--encoder", default="medimageinsight", choices=ENCODERS)
+    parser.add_argument("--full", action="store_true", help="the published architecture instead of the reduced one (medimageinsight, torchxrayvision)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="smoke run: 16 images, batch 8")
     parser.add_argument("--images", type=Path, default=REAL_CXR, help="folder of chest X-ray files")
@@ -104,9 +142,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-encode-") as tmp:
         work = Path(tmp)
         os.environ.setdefault("CXRSTORE_CACHE", str(work / "cache"))
-        arch = PUBLISHED_ARCH if args.full else REDUCED_ARCH
-        weights = write_mii_standin(work / "MedImageInsights", arch=arch, seed=0, text_encoder=False)
-        encoder = get_encoder("medimageinsight", weights=weights, device=args.device, half=args.half)
+        weights, arch = write_standin(args.encoder, work, args.full)
+        options = {"weights": weights, "device": args.device, **({"half": True} if args.half else {})}
+        encoder = get_encoder(args.encoder, **options)
         names = [files[i % len(files)] for i in range(args.n)]
         manifest = work / "manifest.csv"
         manifest.write_text("image_id,path\n" + "".join(f"img{i:06d},{p.name}\n" for i, p in enumerate(names)))
@@ -123,11 +161,10 @@ def main() -> None:
 
     result = {
         "benchmark": "encode",
-        "encoder": "medimageinsight",
+        "encoder": args.encoder,
         "architecture": "published" if args.full else "reduced",
-        "embed_dims": arch["embed_dims"],
-        "depths": arch["depths"],
-        "input_size": arch["image_size"],
+        "arch": arch,
+        "dim": encoder.dim,
         "device": args.device,
         "half": args.half,
         "n_images": args.n,
@@ -146,8 +183,8 @@ def main() -> None:
             "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(),
-            "torch": __import__("torch").__version__,
-            "torch_threads": __import__("torch").get_num_threads(),
+            "torch": _version("torch"),
+            "tensorflow": _version("tensorflow"),
         },
         "cxrstore_version": __version__,
     }

@@ -308,6 +308,24 @@ FETCHABLE: dict[str, FetchSpec] = {
         licence="Health AI Developer Foundations terms of use",
         gated=True,
     ),
+    # for --encoder hf-vision
+    "rad-dino": FetchSpec(
+        name="rad-dino",
+        repo_id="microsoft/rad-dino",
+        patterns=("config.json", "preprocessor_config.json", "model.safetensors"),
+        approx_bytes=None,
+        licence="MSRLA / MIT (see the model card of the revision fetched)",
+        gated=False,
+    ),
+    # for --encoder open-clip
+    "biomedclip": FetchSpec(
+        name="biomedclip",
+        repo_id="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        patterns=("open_clip_config.json", "open_clip_pytorch_model.bin"),
+        approx_bytes=None,
+        licence="MIT",
+        gated=False,
+    ),
 }
 
 
