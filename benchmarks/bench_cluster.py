@@ -25,8 +25,9 @@ once, so it does half of it) and as the arithmetic actually performed.
 ``--memory-rows``: a separate subprocess computes the exact kNN graph of a store larger
 than the address-space limit it runs under (``RLIMIT_AS``), and reports its peak RSS
 (``VmHWM`` of /proc/self/status; ``ru_maxrss`` is not used: after fork it starts from the
-parent's peak) and peak address space (``VmPeak``, which includes about 0.8 GB of mapped
-libraries and thread arenas before any data is read).
+parent's peak) and peak address space (``VmPeak``, which includes about 0.9 GB of mapped
+libraries, thread arenas and numba's JIT before any data is read: hence a 1.6 GiB limit
+for a 1.97 GB store by default).
 
     python benchmarks/bench_cluster.py --quick
     nice -n 5 python benchmarks/bench_cluster.py --sizes 20000x1024,50000x1024,20000x24576 --out bench-out/cluster.json
@@ -293,11 +294,11 @@ def memory_run(n: int, d: int, tmp: Path, *, limit_bytes: int, memory_mb: float)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="20000x1024,50000x1024,20000x24576", help="comma-separated NxD")
-    ap.add_argument("--quick", action="store_true", help="small smoke run (3000x256, memory 4000x4096 under 1 GiB)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (3000x256, memory 2000x24576 under 1.6 GiB)")
     ap.add_argument("--repeats", type=int, default=1, help="alternated repeats per size (median reported)")
     ap.add_argument("--memory-mb", type=float, default=512.0, help="cxrstore's kNN block memory")
-    ap.add_argument("--memory-rows", default="14000x24576", help="NxD of the store for the memory-limit run ('' to skip)")
-    ap.add_argument("--memory-limit-gb", type=float, default=1.25, help="RLIMIT_AS of the memory-limit run")
+    ap.add_argument("--memory-rows", default="20000x24576", help="NxD of the store for the memory-limit run ('' to skip)")
+    ap.add_argument("--memory-limit-gb", type=float, default=1.6, help="RLIMIT_AS of the memory-limit run")
     ap.add_argument("--memory-run-mb", type=float, default=128.0, help="cxrstore's kNN block memory in the memory-limit run")
     ap.add_argument("--skip-scanpy", action="store_true")
     ap.add_argument("--rate-repeats", type=int, default=0, help="exact kNN alternated with matmul, per size")
@@ -307,7 +308,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
-        args.sizes, args.memory_rows, args.memory_limit_gb = "3000x256", "2000x24576", 1.25
+        args.sizes, args.memory_rows, args.memory_limit_gb = "3000x256", "2000x24576", 1.6
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir=args.tmp))
     report: dict = {
         "benchmark": "cluster",

@@ -190,6 +190,7 @@ def exact_knn(
     rows_read = 0
     dim = None
     B = block_rows
+    buf: np.ndarray | None = None
     i0 = 0
     while i0 < n:
         if B is None:
@@ -200,6 +201,8 @@ def exact_knn(
             B = default_block_rows(dim, memory_mb=memory_mb)
         if B < 1:
             raise UsageError(f"block_rows must be positive, got {B}")
+        if buf is None and gpu_res is None:
+            buf = np.empty(min(B, n) ** 2, dtype=np.float32)  # one similarity block, reused: no page faults per product
         it = iter(source(i0, B))
         q_raw = next(it, None)
         if q_raw is None:
@@ -214,11 +217,10 @@ def exact_knn(
         if gpu_res is not None:
             _gpu_pair(gpu_res, D, I, q, q, i0, i0, k, diagonal=True)
         else:
-            s = q @ q.T
+            s = _product(q, q, buf)
             np.fill_diagonal(s, -np.inf)
             matmul_s += time.perf_counter() - tm
             merge_rows(s, D, I, i0, i0)
-            del s
         flops += 2.0 * bi * bi * dim
         j0 = i0 + bi
         for x_raw in it:
@@ -232,11 +234,10 @@ def exact_knn(
             if gpu_res is not None:
                 _gpu_pair(gpu_res, D, I, q, x, i0, j0, k, diagonal=False)
             else:
-                s = q @ x.T
+                s = _product(q, x, buf)
                 matmul_s += time.perf_counter() - tm
                 merge_rows(s, D, I, i0, j0)
                 merge_cols(s, D, I, i0, j0, parts)
-                del s
             flops += 2.0 * bi * bj * dim
             j0 += bj
             del x
@@ -259,6 +260,12 @@ def exact_knn(
     }
     logger.info("exact kNN: %d rows, k=%d, %.1f s (%.1f GFLOP/s)", n, k, seconds, stats["gflops_per_s"])
     return KnnGraph(indices=I, sims=D, stats=stats)
+
+
+def _product(q: np.ndarray, x: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """``q @ x.T`` written into the start of ``buf`` (1-D, at least ``len(q) * len(x)``)."""
+    out = buf[: q.shape[0] * x.shape[0]].reshape(q.shape[0], x.shape[0])
+    return np.matmul(q, x.T, out=out)
 
 
 def _gpu_pair(res: Any, D: np.ndarray, I: np.ndarray, q: np.ndarray, x: np.ndarray, i0: int, j0: int, k: int, *, diagonal: bool) -> None:  # noqa: E741
