@@ -215,19 +215,6 @@ def _iter_loaded(
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _torch_threads() -> int | None:
-    """This thread's torch intra-op thread count, when torch is loaded (an encoder uses it)."""
-    torch = sys.modules.get("torch")
-    return int(torch.get_num_threads()) if torch is not None else None
-
-
-def _match_torch_threads(n: int | None) -> None:
-    """Give the forward thread the caller's torch thread count (a new thread starts with one)."""
-    torch = sys.modules.get("torch")
-    if n is not None and torch is not None and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
 # -- main side ---------------------------------------------------------------------------
 def model_provenance(encoder: Encoder, prep: PreprocessConfig) -> dict[str, Any]:
     """Everything that identifies how a model's vectors were made."""
@@ -358,11 +345,7 @@ def ingest(
         failed_sources: set[str] = set()
         last_commit = time.monotonic()
 
-        forward_pool = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrstore-forward", initializer=_match_torch_threads,
-                               initargs=(_torch_threads(),))
-            if forward_depth else None
-        )
+        forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrstore-forward") if forward_depth else None
         pending: collections.deque[tuple[list[Any], Future[np.ndarray]]] = collections.deque()
 
         def flush() -> None:

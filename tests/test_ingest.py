@@ -211,25 +211,3 @@ def test_forward_errors_surface_and_nothing_half_written_is_visible(tmp_path: Pa
     assert verify(store).ok
     resumed = _ingest(tmp_path / "f", small_demo)
     assert resumed.skipped == store.n_rows and verify(Store(tmp_path / "f")).ok
-
-
-def test_forward_thread_uses_the_callers_torch_threads(tmp_path: Path, small_demo: Path) -> None:
-    """A new thread starts with one torch thread; moving forward into the background must not
-    silently change a CPU model's parallelism."""
-    torch = pytest.importorskip("torch", reason="torch (extra mii) is not installed")
-
-    seen: list[int] = []
-
-    class Probe(_GatedEncoder):
-        def forward(self, batch):
-            seen.append(torch.get_num_threads())
-            return self.inner.forward(batch)
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        adapter = CsvManifest(small_demo / "manifest.csv", root=small_demo, dataset_name="demo")
-        ingest(tmp_path / "t", adapter.records(), encoder=Probe(4, 0, 0.0), batch_size=4, workers=0)
-    finally:
-        torch.set_num_threads(before)
-    assert seen and set(seen) == {2}
