@@ -6,7 +6,9 @@ each with a low-rank latent part and isotropic noise, L2-normalised) and held-ou
 from the same mixture, writes them into a fresh cxrstore store, then measures:
 
 - build time (cxrstore: ``build_index`` with the automatic factory, streaming from the
-  store; LanceDB: table creation + index; Chroma: collection add);
+  store, including the training and the search-setting calibration of the
+  high-dimensional default, both recorded under ``build_params``; LanceDB: table
+  creation + index; Chroma: collection add);
 - single-query latency p50 / p95 (``--single`` queries, cxrstore and raw FAISS
   alternated query by query);
 - batch throughput (QPS) on ``--batch`` queries;
@@ -166,7 +168,7 @@ def bench_cxrstore_and_faiss(store: Path, q: np.ndarray, truth: np.ndarray, n_si
     res_cx = {"build_s": round(build_s, 2), "open_s": round(open_s, 3), **lat_stats(t_cx),
               "batch_qps": round(len(q) / min(batch["cxrstore"]), 1),
               "recall_at_10": recall_at_k(cx_batch_rows, truth), "recall_at_10_single": recall_at_k(np.array(cx_rows), truth[:n_single]),
-              "factory": side["factory"], "search_params": side["search_params"], "index_bytes": (store / "indexes" / "synth" / side["files"]["index"]).stat().st_size}
+              "factory": side["factory"], "search_params": side["search_params"], "build_params": side["build_params"], "index_bytes": (store / "indexes" / "synth" / side["files"]["index"]).stat().st_size}
     res_knn = {**lat_stats(t_knn)}
     res_raw = {**lat_stats(t_raw), "default_threads_single": lat_stats(t_raw_default), "batch_qps": round(len(q) / min(batch["raw_faiss"]), 1),
                "recall_at_10": recall_at_k(raw_batch_rows, truth)}

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli.index import index as index_cmd
+from cxrstore.analysis.retrieve import Retriever
 from cxrstore.errors import UsageError
 from cxrstore.index import (
     FLAT_MAX_COST,
@@ -24,6 +25,8 @@ from cxrstore.index import (
     normalise,
     update_index,
 )
+from cxrstore.index import faiss_index
+from cxrstore.index.faiss_index import CALIBRATION_GRID, HIGH_DIM_MIN, SQ_TRAIN_ROWS, calibrate, fit_pca, index_chain
 from cxrstore.store.store import RowData, Store, open_writer
 
 PROV = {"encoder": {"encoder": "fake", "version": "1", "params": {}, "weights_sha256": None},
@@ -82,7 +85,160 @@ def test_default_factory_thresholds() -> None:
     assert default_factory(FLAT_MAX_COST // 1024 + 1, 1024)[0].startswith("HNSW")
     factory, params = default_factory(50_000, 1024)
     assert factory == "HNSW32,Flat" and params == {"efSearch": 128}
-    assert default_factory(20_000, 24_576)[0] == "HNSW32,Flat"
+    # high dimensions: HNSW over 8-bit codes, exact re-rank
+    assert default_factory(20_000, 24_576) == ("HNSW32_SQ8,RFlat", {"efSearch": 64, "k_factor_rf": 2})
+    assert default_factory(FLAT_MAX_COST // HIGH_DIM_MIN + 1, HIGH_DIM_MIN)[0] == "HNSW32_SQ8,RFlat"
+    assert default_factory(50_000, HIGH_DIM_MIN // 2)[0] == "HNSW32,Flat"
+    assert default_factory(FLAT_MAX_COST // 24_576, 24_576)[0] == "Flat"
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a[a >= 0].tolist()) & set(b.tolist())) / truth.shape[1] for a, b in zip(found, truth)]))
+
+
+@pytest.fixture(scope="module")
+def high_dim_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, np.ndarray, dict]:
+    """5,000 x 4,096 clustered vectors with isotropic within-cluster noise, indexed with ``auto``."""
+    n, d = 5000, HIGH_DIM_MIN
+    assert n * d > FLAT_MAX_COST
+    x = clustered(n, d, clusters=30, spread=0.7, seed=4)
+    store = make_store(tmp_path_factory.mktemp("hd") / "s", x)
+    side = build_index(store, "m")
+    return store, x, side
+
+
+def held_out_queries(x: np.ndarray, m: int = 300) -> np.ndarray:
+    """Stored rows plus noise of norm about 0.4 (as the 64-d recall test's 0.05 per dimension)."""
+    rng = np.random.default_rng(0)
+    noise = 0.4 / np.sqrt(x.shape[1])
+    return x[rng.choice(len(x), m, replace=False)] + noise * rng.standard_normal((m, x.shape[1])).astype(np.float32)
+
+
+def test_high_dim_default_is_hnsw_sq8_refine_and_records_training(high_dim_store: tuple[Store, np.ndarray, dict]) -> None:
+    store, x, side = high_dim_store
+    assert side["factory"] == "HNSW32_SQ8,RFlat" and side["auto"] and side["index_factory"] == "IDMap2,HNSW32_SQ8,RFlat"
+    trained = side["build_params"]["trained"]
+    assert trained["parts"] == ["IndexHNSWSQ"] and trained["rows"] == SQ_TRAIN_ROWS == side["build_params"]["train_rows"]
+    cal = side["build_params"]["calibration"]
+    chosen = {"efSearch": cal["tried"][-1]["efSearch"], "k_factor_rf": cal["tried"][-1]["k_factor_rf"]}
+    assert side["search_params"] == chosen and cal["reached"] and cal["tried"][-1]["recall_at_10"] >= 0.98
+    assert cal["held_out"] and cal["queries"] == 200
+    assert all(t["recall_at_10"] < 0.98 for t in cal["tried"][:-1])
+    assert [(t["efSearch"], t["k_factor_rf"]) for t in cal["tried"]] == list(CALIBRATION_GRID[: len(cal["tried"])])
+    loaded = load_index(store, "m")
+    parts = index_chain(loaded.index)
+    assert [type(p).__name__ for p in parts] == ["IndexIDMap2", "IndexRefineFlat", "IndexHNSWSQ"]
+    assert parts[1].k_factor == side["search_params"]["k_factor_rf"] and parts[-1].hnsw.efSearch == side["search_params"]["efSearch"]
+    assert not loaded.exact and loaded.supports_selector
+
+
+def test_high_dim_default_reaches_recall_095(high_dim_store: tuple[Store, np.ndarray, dict]) -> None:
+    store, x, _ = high_dim_store
+    loaded = load_index(store, "m")
+    q = held_out_queries(x)
+    sims, rows = loaded.search(loaded.prepare_queries(q), 10)
+    want_sims, truth = brute_force(x, q, 10)
+    assert recall(rows, truth) >= 0.95, recall(rows, truth)
+    # the re-rank returns exact cosine similarities of the rows it returns
+    exact = np.einsum("ij,ikj->ik", normalise(q), x[rows])
+    np.testing.assert_allclose(sims, exact, atol=1e-5)
+
+
+def test_high_dim_index_file_opens_with_faiss_read_index(high_dim_store: tuple[Store, np.ndarray, dict]) -> None:
+    store, x, side = high_dim_store
+    folder = store.path / "indexes" / "m"
+    raw = faiss.read_index(str(folder / side["files"]["index"]))
+    assert raw.ntotal == len(x) and raw.d == x.shape[1]
+    space = faiss.ParameterSpace()
+    for key, value in side["search_params"].items():  # what benchmarks/bench_search.py's raw path does
+        space.set_index_parameter(raw, key, float(value))
+    q = held_out_queries(x, 50)
+    _, raw_rows = raw.search(normalise(q), 10)
+    loaded = load_index(store, "m")
+    _, rows = loaded.search(loaded.prepare_queries(q), 10)
+    np.testing.assert_array_equal(raw_rows, rows)
+
+
+def test_high_dim_filtered_search(high_dim_store: tuple[Store, np.ndarray, dict]) -> None:
+    store, x, _ = high_dim_store
+    loaded = load_index(store, "m")
+    q = held_out_queries(x, 40)
+    # a broad filter goes through the ID selector, past the re-rank wrapper
+    allowed = np.arange(1, len(x), 2)
+    sims, rows = loaded.search(loaded.prepare_queries(q), 10, allowed=allowed)
+    assert np.isin(rows, allowed).all()
+    want_sims, pos = brute_force(x[allowed], q, 10)
+    assert recall(rows, allowed[pos]) >= 0.95
+    np.testing.assert_allclose(sims, np.einsum("ij,ikj->ik", normalise(q), x[rows]), atol=1e-5)
+    retriever = Retriever(store, "m", device="cpu")
+    # through the retriever: a `where` keeping more than FLAT_MAX_COST / dim rows uses the selector
+    broad = np.flatnonzero(store.metadata()["age"].to_numpy() >= 25)
+    assert broad.size * x.shape[1] > FLAT_MAX_COST
+    table = retriever.search_vectors(q, k=10, where="age >= 25")
+    assert (table["age"] >= 25).all() and len(table) == 10 * len(q)
+    _, pos = brute_force(x[broad], q, 10)
+    assert recall(table["row"].to_numpy().reshape(len(q), 10), broad[pos]) >= 0.95
+    # a narrow filter (rows x dim within the Flat threshold) is searched exactly by the retriever
+    narrow = np.arange(7, len(x), 13)
+    assert narrow.size * x.shape[1] <= FLAT_MAX_COST
+    sims, rows = retriever.knn(q, k=5, allowed=narrow)
+    want_sims, pos = brute_force(x[narrow], q, 5)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    assert (rows == narrow[pos]).mean() > 0.99
+
+
+def test_calibration_takes_the_first_setting_reaching_the_target(high_dim_store: tuple[Store, np.ndarray, dict],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store, x, side = high_dim_store
+    index = load_index(store, "m").index
+    q = normalise(held_out_queries(x, 100))
+    try:
+        monkeypatch.setattr(faiss_index, "CALIBRATION_RECALL", 0.0)
+        params, record = calibrate(index, q)
+        assert params == dict(zip(("efSearch", "k_factor_rf"), CALIBRATION_GRID[0])) and len(record["tried"]) == 1 and record["reached"]
+        monkeypatch.setattr(faiss_index, "CALIBRATION_RECALL", 1.01)  # unreachable: the whole grid, the widest kept
+        params, record = calibrate(index, q)
+        assert params == dict(zip(("efSearch", "k_factor_rf"), CALIBRATION_GRID[-1])) and not record["reached"]
+        recalls = [t["recall_at_10"] for t in record["tried"]]
+        assert len(recalls) == len(CALIBRATION_GRID) and recalls[-1] >= recalls[0] and recalls[-1] >= 0.98
+    finally:  # the loaded index is cached: give it back its own settings
+        space = faiss.ParameterSpace()
+        for key, value in side["search_params"].items():
+            space.set_index_parameter(index, key, float(value))
+
+
+def test_fit_pca_matches_faiss_pca_training() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((300, 1000)) * np.linspace(3, 0.1, 1000)).astype(np.float32)
+    ours, theirs = faiss.PCAMatrix(1000, 64), faiss.PCAMatrix(1000, 64)
+    fit_pca(ours, x)
+    theirs.train(x)
+    # components agree up to sign; eigenvalues as FAISS scales them
+    np.testing.assert_allclose(np.abs(ours.apply(x)), np.abs(theirs.apply(x)), atol=1e-3)
+    np.testing.assert_allclose(faiss.vector_to_array(ours.eigenvalues), faiss.vector_to_array(theirs.eigenvalues)[:64], rtol=1e-3)
+    # fewer rows than output dimensions (FAISS refuses): the extra directions are zero
+    few = faiss.PCAMatrix(1000, 64)
+    fit_pca(few, x[:20])
+    y = few.apply(x)
+    assert np.abs(y[:, 20:]).max() == 0 and np.abs(y[:, :19]).max() > 0
+    with pytest.raises(UsageError, match="dimension 999"):
+        fit_pca(faiss.PCAMatrix(1000, 8), x[:, :999])
+
+
+def test_pca_index_update_keeps_training_and_finds_new_rows(tmp_path: Path) -> None:
+    x = clustered(700, 64, seed=13)
+    store = make_store(tmp_path / "s", x[:500])
+    side = build_index(store, "m", factory="PCA32,HNSW16,RFlat", search_params={"efSearch": 64, "k_factor_rf": 16}, train_rows=300)
+    assert side["build_params"]["trained"]["parts"] == ["PCAMatrix 64->32"] and side["build_params"]["trained"]["rows"] == 300
+    make_store(tmp_path / "s", x[500:], start=500)
+    store = Store(tmp_path / "s")
+    assert index_status(store, "m").new_rows == 200
+    new = update_index(store, "m")
+    assert new["build_params"] == side["build_params"] and new["updates"][-1] == {**new["updates"][-1], "added": 200, "retrained": False}
+    loaded = load_index(store, "m")
+    assert loaded.index.ntotal == 700 and index_chain(loaded.index)[1].k_factor == 16
+    _, rows = loaded.search(loaded.prepare_queries(x[500:700]), 1)
+    np.testing.assert_array_equal(rows[:, 0], np.arange(500, 700))
 
 
 def test_exact_index_equals_numpy_cosine(flat_store: tuple[Store, np.ndarray]) -> None:

@@ -16,9 +16,57 @@ products).
   at 1024-d, 32,768 at 512-d, 682 at 24,576-d). A flat single query reads the whole
   ``4 n d`` bytes; at that size it takes about 5 ms on two cores, beyond it latency
   grows linearly (about 19 ms at 50,000 x 1024, 200 ms at 20,000 x 24,576).
-- ``"HNSW32,Flat"`` (approximate graph, full-precision vectors) beyond it, built with
-  ``efConstruction=40`` and searched with ``efSearch=128``; recall@10 against exact is
-  measured in ``tests/test_index.py`` (>= 0.95 required) and ``benchmarks/bench_search.py``.
+- ``"HNSW32_SQ8,RFlat"`` beyond it when ``d >= HIGH_DIM_MIN`` (4096): an HNSW32 graph
+  over 8-bit scalar-quantised codes (per-dimension ranges trained on a seeded sample of
+  ``SQ_TRAIN_ROWS`` rows), then an exact re-rank of ``k_factor_rf x k`` candidates over
+  the full-precision vectors (``IndexRefineFlat``): the returned similarities are exact.
+  Its search settings are calibrated at build (:func:`calibrate`): the cheapest of
+  ``efSearch=64, k_factor_rf=2`` and wider settings whose recall@10 against exact search
+  reaches 0.98 for 200 seeded rows held out of the graph until then. Memory: the 8-bit
+  codes add a quarter to the full vectors.
+
+  Why: at these dimensions HNSW32,Flat's cost is its full-precision distance
+  computations (about 100 KB read per distance at 24,576-d); the graph walk on 8-bit
+  codes reads a quarter of that and the re-rank only ``2 k`` full vectors. Measured by
+  ``benchmarks/bench_search.py`` (clustered vectors, two loaded cores, one query on one
+  thread, cxrstore's full search path) at 20,000 x 24,576:
+
+  ======================  =======  ======  =========  =========
+  factory                 build s  p50 ms  batch QPS  recall@10
+  ======================  =======  ======  =========  =========
+  HNSW32,Flat (before)    353      17.9    61         0.986
+  PCA512,HNSW32,RFlat     30       4.66    1455       0.998
+  HNSW32_SQ8,RFlat        45       2.70    781        0.986
+  ======================  =======  ======  =========  =========
+
+  The default is chosen by single-query latency at recall@10 >= 0.97. The PCA variant
+  (a 512 x d projection per query: it reads a 50 MB matrix, most of its time) batches
+  better and remains a factory to ask for (``--factory PCA512,HNSW32,RFlat``; its PCA is
+  trained by :func:`fit_pca` on ``PCA_TRAIN_ROWS`` rows); ``PCA256`` missed recall@10
+  0.97 even with ``k_factor_rf=8`` (0.967 on a 6,000-row sample), and a PCA loses more
+  where the neighbour order lives in the discarded dimensions (isotropic within-cluster
+  noise at 4,096-d needed ``k_factor_rf=16``). At 20,000 x 4,096 (raw FAISS, one thread)
+  SQ8 answered in 0.29-0.45 ms at recall@10 0.988-0.996 against HNSW32,Flat's
+  0.64-1.08 ms at 0.989-0.996.
+- ``"HNSW32,Flat"`` (approximate graph, full-precision vectors) otherwise (e.g. 1024-d,
+  where a projection would save little), built with ``efConstruction=40`` and searched
+  with ``efSearch=128``.
+
+Recall@10 against exact search of both approximate defaults is measured in
+``tests/test_index.py`` (>= 0.95 required) and ``benchmarks/bench_search.py``. The file
+stays a plain FAISS index (``IDMap2,HNSW32_SQ8,RFlat``): ``faiss.read_index`` opens it
+and ``faiss.ParameterSpace`` applies the sidecar's ``search_params`` (``efSearch``,
+``k_factor_rf``) to it, as :func:`load_index` does.
+
+**Training** (PCA, IVF centroids, scalar or product quantisers) happens once, at build,
+on a seeded sample; the sidecar's ``build_params.trained`` names what was trained on
+how many rows. ``update`` adds rows with the trained quantiser or transform, without
+retraining.
+
+**Filtered search** passes a FAISS ID selector down to the graph or list search through
+the re-rank and transform wrappers (``IndexRefineSearchParameters`` around the
+HNSW/IVF parameters, with an ``IDSelectorTranslated`` from store rows to the index's
+internal ids); the re-rank then only sees allowed rows.
 
 **Never stale.** The sidecar records the store uuid, the generation and the rows it
 covers. :func:`index_status` compares them with the store's committed rows for the
@@ -73,8 +121,27 @@ FLAT_MAX_COST = 2**24
 APPROX_M = 32
 APPROX_EF_CONSTRUCTION = 40
 APPROX_EF_SEARCH = 128
-#: Rows used to train an index that needs training (IVF, PQ, PCA...), seeded sample,
-#: capped so the sample stays within TRAIN_MAX_BYTES (10,922 rows at 24,576-d).
+#: The high-dimensional default from HIGH_DIM_MIN dimensions: HNSW over 8-bit scalar
+#: codes, exact re-rank of HIGH_DIM_K_FACTOR x k candidates (efSearch HIGH_DIM_EF_SEARCH),
+#: the settings calibrate() starts from.
+HIGH_DIM_MIN = 4096
+HIGH_DIM_EF_SEARCH = 64
+HIGH_DIM_K_FACTOR = 2
+#: Training sample of scalar quantisers (per-dimension ranges) and of PCA transforms
+#: (fit_pca's cost grows as rows^2 x d + rows^3).
+SQ_TRAIN_ROWS = 4096
+PCA_TRAIN_ROWS = 2048
+#: Build-time calibration of the high-dimensional default's search settings: stored rows
+#: held out of the index until calibrated are the queries, recall@10 against exact search
+#: over the re-rank's vectors; the first (efSearch, k_factor_rf) of CALIBRATION_GRID
+#: (cheapest first) reaching CALIBRATION_RECALL wins (more than 2 x CALIBRATION_QUERIES
+#: rows needed, else the default settings stay).
+CALIBRATION_QUERIES = 200
+CALIBRATION_RECALL = 0.98
+CALIBRATION_GRID = ((64, 2), (128, 2), (128, 4), (256, 4), (256, 8), (512, 16))
+#: Rows used to train an index that needs training (IVF, PQ...), seeded sample,
+#: capped so the sample stays within TRAIN_MAX_BYTES (10,922 rows at 24,576-d); an index
+#: with a PCA transform trains on PCA_TRAIN_ROWS (its cost grows as rows^2 x d + rows^3).
 DEFAULT_TRAIN_ROWS = 50_000
 TRAIN_MAX_BYTES = 1 << 30
 #: Searches of at most this many queries run on one OpenMP thread: FAISS's thread start-up
@@ -133,12 +200,17 @@ def default_factory(n: int, d: int) -> tuple[str, dict[str, int]]:
     Returns
     -------
     factory : str
-        ``"Flat"`` while ``n * d <= FLAT_MAX_COST``, else ``"HNSW32,Flat"``.
+        ``"Flat"`` while ``n * d <= FLAT_MAX_COST``; else ``"HNSW32_SQ8,RFlat"`` when
+        ``d >= HIGH_DIM_MIN``; else ``"HNSW32,Flat"``.
     search_params : dict
-        ``{}`` for Flat, ``{"efSearch": APPROX_EF_SEARCH}`` for HNSW.
+        ``{}`` for Flat, ``{"efSearch": 64, "k_factor_rf": 2}`` for HNSW32_SQ8,RFlat (the
+        first setting :func:`calibrate` tries: ``build_index`` may widen it),
+        ``{"efSearch": APPROX_EF_SEARCH}`` for HNSW32,Flat.
     """
     if n * d <= FLAT_MAX_COST:
         return "Flat", {}
+    if d >= HIGH_DIM_MIN:
+        return f"HNSW{APPROX_M}_SQ8,RFlat", {"efSearch": HIGH_DIM_EF_SEARCH, "k_factor_rf": HIGH_DIM_K_FACTOR}
     return f"HNSW{APPROX_M},Flat", {"efSearch": APPROX_EF_SEARCH}
 
 
@@ -176,6 +248,70 @@ def inner_index(index: Any) -> Any:
     """The index inside cxrstore's ``IndexIDMap2`` wrapper (downcast)."""
     inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else index
     return inner
+
+
+_WRAPPERS = (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexRefine, faiss.IndexPreTransform)
+
+
+def index_chain(index: Any) -> list[Any]:
+    """The nested parts of an index, outermost first (downcast).
+
+    Follows ``IndexIDMap2.index``, ``IndexRefine.base_index`` and
+    ``IndexPreTransform.index``; a pre-transform's vector transforms are listed before
+    its index. The last element is the index that does the search (``search_core``).
+    """
+    out: list[Any] = []
+    ix: Any = faiss.downcast_index(index)
+    while ix is not None:
+        out.append(ix)
+        if isinstance(ix, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            nxt = ix.index
+        elif isinstance(ix, faiss.IndexRefine):
+            nxt = ix.base_index
+        elif isinstance(ix, faiss.IndexPreTransform):
+            out.extend(faiss.downcast_VectorTransform(ix.chain.at(i)) for i in range(ix.chain.size()))
+            nxt = ix.index
+        else:
+            nxt = None
+        ix = faiss.downcast_index(nxt) if nxt is not None else None
+    return out
+
+
+def search_core(index: Any) -> Any:
+    """The innermost index of :func:`index_chain` (Flat, HNSW, IVF...)."""
+    return index_chain(index)[-1]
+
+
+def _describe(part: Any) -> str:
+    name = type(part).__name__
+    if isinstance(part, faiss.VectorTransform):
+        return f"{name} {part.d_in}->{part.d_out}"
+    if isinstance(part, faiss.IndexIVF):
+        return f"{name} nlist={part.nlist}"
+    return name
+
+
+def _untrained_parts(index: Any) -> list[str]:
+    """Descriptions of the parts that need training (wrappers excluded)."""
+    return [_describe(p) for p in index_chain(index) if not isinstance(p, _WRAPPERS) and not p.is_trained]
+
+
+def _train_rows(index: Any, n: int, d: int, train_rows: int | None) -> int:
+    """Rows of the training sample (``train_rows`` or a default for what needs training).
+
+    PCA_TRAIN_ROWS with a PCA, SQ_TRAIN_ROWS when only scalar quantisers need training,
+    else DEFAULT_TRAIN_ROWS; at most ``n`` and TRAIN_MAX_BYTES of vectors.
+    """
+    if train_rows is None:
+        chain = index_chain(index)
+        untrained = [p for p in chain if not isinstance(p, _WRAPPERS) and not p.is_trained]
+        if any(isinstance(p, faiss.PCAMatrix) for p in chain):
+            train_rows = PCA_TRAIN_ROWS
+        elif untrained and all(isinstance(p, (faiss.IndexScalarQuantizer, faiss.IndexHNSWSQ)) for p in untrained):
+            train_rows = SQ_TRAIN_ROWS
+        else:
+            train_rows = DEFAULT_TRAIN_ROWS
+    return int(min(n, train_rows, max(1, TRAIN_MAX_BYTES // (4 * d))))
 
 
 def _apply_params(index: Any, params: dict[str, Any]) -> None:
@@ -329,6 +465,115 @@ def _add_rows(index: Any, st: Store, model: str, rows: np.ndarray, metric: Metri
         index.add_with_ids(x, np.ascontiguousarray(r, dtype=np.int64))
 
 
+def fit_pca(pca: Any, x: np.ndarray) -> None:
+    """Train a FAISS ``PCAMatrix`` on ``x`` (m x d) in numpy, as FAISS would, but faster.
+
+    With ``m < d`` the principal directions come from the ``m x m`` Gram matrix of the
+    centred sample (``v_i = X^T u_i / sqrt(lambda_i)``), never a ``d x d`` covariance;
+    otherwise from the covariance. FAISS's own ``PCAMatrix.train`` does the same through
+    a full double-precision eigendecomposition that takes about 10 s for 2,048 rows on
+    two cores, numpy's ``eigh`` about 1 s. The fields FAISS serialises are filled
+    (``mean``, ``eigenvalues``, ``PCAMat``; ``A`` and ``b`` by ``prepare_Ab``), so the
+    written index is an ordinary trained ``PCAMatrix``. Directions beyond the sample's
+    rank are zero rows.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    m, d = x.shape
+    if d != pca.d_in:
+        raise UsageError(f"PCA training vectors have dimension {d}, the transform expects {pca.d_in}")
+    if pca.random_rotation or pca.eigen_power != 0 or pca.balanced_bins != 0:
+        pca.train(x)  # variants FAISS post-processes: let it train them
+        return
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    xc = x - mean
+    r = min(int(pca.d_out), m, d)
+    if m < d:
+        lam, u = np.linalg.eigh((xc @ xc.T).astype(np.float64))
+        lam, u = lam[::-1][:r], u[:, ::-1][:, :r]
+        comps = (u.T.astype(np.float32) @ xc).astype(np.float64)  # rows: sqrt(lambda_i) v_i
+        ok = lam > max(float(lam[0]), 0.0) * 1e-10
+        comps[ok] /= np.sqrt(lam[ok])[:, None]
+        comps[~ok] = 0.0
+    else:
+        lam, v = np.linalg.eigh((xc.T @ xc).astype(np.float64))
+        lam, comps = lam[::-1][:r], v[:, ::-1][:, :r].T
+    mat = np.zeros((pca.d_out, d), np.float32)
+    mat[:r] = comps
+    eig = np.zeros(pca.d_out, np.float32)
+    eig[:r] = np.clip(lam, 0.0, None)  # as FAISS: eigenvalues of the centred X^T X
+    faiss.copy_array_to_vector(mean, pca.mean)
+    faiss.copy_array_to_vector(eig, pca.eigenvalues)
+    faiss.copy_array_to_vector(mat.ravel(), pca.PCAMat)
+    pca.is_trained = True
+    pca.prepare_Ab()
+
+
+def calibrate(index: Any, queries: np.ndarray, *, k: int = 10) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pick ``efSearch`` and ``k_factor_rf`` of a filled ``...HNSW...,RFlat`` index by recall.
+
+    ``queries`` (prepared: normalised for cosine) should be held out of the index: a
+    stored vector is a graph node, its neighbours are its own edges, and its recall
+    flatters the graph (isotropic noise at 4,096-d: 1.000 for stored rows, 0.956 for
+    held-out ones at the same setting). :func:`build_index` holds out
+    ``CALIBRATION_QUERIES`` seeded rows, calibrates, then adds them. Each query is
+    searched by the index at each ``(efSearch, k_factor_rf)`` of ``CALIBRATION_GRID``
+    and exactly by the re-rank's flat vectors; the first setting reaching
+    ``CALIBRATION_RECALL`` (recall@k) is kept, else the last.
+
+    Returns
+    -------
+    search_params : dict
+        ``{"efSearch": ..., "k_factor_rf": ...}``.
+    record : dict
+        Queries, target, each setting tried with its recall, whether the target was met.
+    """
+    refine = next(p for p in index_chain(index) if isinstance(p, faiss.IndexRefine))
+    flat = faiss.downcast_index(refine.refine_index)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    kk = min(k, int(flat.ntotal))
+    _, truth = flat.search(q, kk)
+    tried: list[dict[str, Any]] = []
+    for ef, kf in CALIBRATION_GRID:
+        _apply_params(refine, {"efSearch": ef, "k_factor_rf": kf})
+        _, got = refine.search(q, kk)
+        hits = [len(set(w.tolist()) & set(g.tolist())) / max(1, kk) for w, g in zip(truth, got)]
+        tried.append({"efSearch": ef, "k_factor_rf": kf, "recall_at_10": round(float(np.mean(hits)), 4)})
+        if tried[-1]["recall_at_10"] >= CALIBRATION_RECALL:
+            break
+    best = tried[-1]
+    reached = best["recall_at_10"] >= CALIBRATION_RECALL
+    if not reached:
+        logger.warning("index calibration: recall@%d %.3f < %.2f at the widest setting %s", k, best["recall_at_10"], CALIBRATION_RECALL, best)
+    record = {"queries": int(len(q)), "held_out": True, "target_recall_at_10": CALIBRATION_RECALL, "tried": tried, "reached": reached}
+    return {"efSearch": best["efSearch"], "k_factor_rf": best["k_factor_rf"]}, record
+
+
+def _train(index: Any, st: Store, model: str, rows: np.ndarray, metric: Metric, seed: int, take: int) -> dict[str, Any]:
+    """Train ``index`` on a seeded sample of ``take`` of ``rows``; what was trained, on what.
+
+    A PCA that is the first transform met (it sees the raw vectors) is fitted by
+    :func:`fit_pca`; FAISS trains the rest (``index.train`` skips trained transforms).
+    """
+    parts = _untrained_parts(index)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(rows, size=take, replace=False))
+    xt = st.select(model=model, rows=sample).vectors()
+    xt = normalise(xt) if metric == "cosine" else np.ascontiguousarray(xt, dtype=np.float32)
+    t0 = time.perf_counter()
+    first = next((p for p in index_chain(index) if isinstance(p, faiss.VectorTransform)), None)
+    if isinstance(first, faiss.PCAMatrix) and not first.is_trained:
+        fit_pca(first, xt)
+    if _untrained_parts(index):
+        index.train(xt)
+    else:  # only the PCA needed training: spare FAISS projecting the sample for nothing
+        for part in index_chain(index):
+            if isinstance(part, _WRAPPERS):
+                part.is_trained = True
+    seconds = time.perf_counter() - t0
+    logger.info("trained %s on %d rows in %.1f s", ", ".join(parts), take, seconds)
+    return {"train_rows": int(take), "trained": {"parts": parts, "rows": int(take), "seed": int(seed), "seconds": round(seconds, 3)}}
+
+
 def build_index(
     store: Store | str | os.PathLike[str],
     model: str,
@@ -338,31 +583,37 @@ def build_index(
     search_params: dict[str, Any] | None = None,
     seed: int = 0,
     batch_rows: int = 4096,
-    train_rows: int = DEFAULT_TRAIN_ROWS,
+    train_rows: int | None = None,
 ) -> dict[str, Any]:
     """Build the FAISS index of ``model`` over its committed rows and store it.
 
     Vectors are streamed from the store ``batch_rows`` at a time and added with their
-    row numbers as ids; an index that needs training (IVF, PQ...) is trained first on a
-    seeded sample of ``train_rows`` rows.
+    row numbers as ids; an index that needs training (PCA, IVF, PQ...) is trained first on
+    a seeded sample of ``train_rows`` rows.
 
     Parameters
     ----------
     store : Store or path
     model : str
     factory : str
-        A FAISS factory string (``"Flat"``, ``"HNSW32,Flat"``, ``"IVF1024,Flat"``...) or
-        ``"auto"`` for :func:`default_factory`.
+        A FAISS factory string (``"Flat"``, ``"HNSW32,Flat"``, ``"IVF1024,Flat"``,
+        ``"HNSW32_SQ8,RFlat"``, ``"PCA512,HNSW32,RFlat"``...) or ``"auto"`` for
+        :func:`default_factory`.
     metric : {"cosine", "ip"}
     search_params : dict, optional
-        FAISS search-time parameters recorded with the index (``{"efSearch": 128}``,
-        ``{"nprobe": 32}``); defaults to those of :func:`default_factory` for ``auto``.
+        FAISS search-time parameters recorded with the index and applied on load through
+        ``faiss.ParameterSpace`` (``{"efSearch": 128}``, ``{"nprobe": 32}``,
+        ``{"k_factor_rf": 2}`` for a re-rank); defaults to those of
+        :func:`default_factory` for ``auto``, calibrated by :func:`calibrate` for the
+        high-dimensional default (``build_params.calibration`` records how).
     seed : int
         Seed of the training sample.
     batch_rows : int
         Rows read and added per batch.
-    train_rows : int
-        Largest training sample.
+    train_rows : int, optional
+        Largest training sample (default ``PCA_TRAIN_ROWS`` for an index with a PCA,
+        ``SQ_TRAIN_ROWS`` for scalar quantisers, else ``DEFAULT_TRAIN_ROWS``; at most
+        ``TRAIN_MAX_BYTES`` of vectors).
 
     Returns
     -------
@@ -371,7 +622,7 @@ def build_index(
     """
     st = _open(store)
     metric = _check_metric(metric)
-    if batch_rows < 1 or train_rows < 1:
+    if batch_rows < 1 or (train_rows is not None and train_rows < 1):
         raise UsageError(f"batch_rows and train_rows must be positive, got {batch_rows} and {train_rows}")
     sel = st.select(model=model)
     n, d = len(sel), st.commit.models[model].dim
@@ -385,21 +636,24 @@ def build_index(
         params = dict(search_params or {})
     t0 = time.perf_counter()
     index = _make_index(factory, d)
-    inner = inner_index(index)
+    core = search_core(index)
     build_params: dict[str, Any] = {"seed": int(seed), "batch_rows": int(batch_rows)}
-    if isinstance(inner, faiss.IndexHNSW):
-        inner.hnsw.efConstruction = APPROX_EF_CONSTRUCTION
+    if isinstance(core, faiss.IndexHNSW):
+        core.hnsw.efConstruction = APPROX_EF_CONSTRUCTION
         build_params["efConstruction"] = APPROX_EF_CONSTRUCTION
     if not index.is_trained:
-        rng = np.random.default_rng(seed)
-        take = min(n, train_rows, max(1, TRAIN_MAX_BYTES // (4 * d)))
-        sample = np.sort(rng.choice(sel.rows, size=take, replace=False))
-        xt = st.select(model=model, rows=sample).vectors()
-        index.train(normalise(xt) if metric == "cosine" else xt)
-        del xt
-        build_params["train_rows"] = int(take)
+        build_params.update(_train(index, st, model, sel.rows, metric, seed, _train_rows(index, n, d, train_rows)))
     _apply_params(index, params)
-    _add_rows(index, st, model, sel.rows, metric, batch_rows)
+    if auto and search_params is None and factory.endswith(",RFlat") and n > 2 * CALIBRATION_QUERIES:
+        rng = np.random.default_rng(seed + 1)
+        held = np.sort(rng.choice(sel.rows, size=CALIBRATION_QUERIES, replace=False))
+        _add_rows(index, st, model, np.setdiff1d(sel.rows, held, assume_unique=True), metric, batch_rows)
+        vecs = st.select(model=model, rows=held).vectors()
+        params, build_params["calibration"] = calibrate(index, normalise(vecs) if metric == "cosine" else np.ascontiguousarray(vecs, np.float32))
+        _apply_params(index, params)
+        _add_rows(index, st, model, held, metric, batch_rows)
+    else:
+        _add_rows(index, st, model, sel.rows, metric, batch_rows)
     seconds = time.perf_counter() - t0
     side = {
         "format": FORMAT_NAME,
@@ -431,8 +685,9 @@ def update_index(
 ) -> dict[str, Any]:
     """Add the model's committed rows that the index does not cover yet; store it.
 
-    The index is not retrained (an IVF keeps its centroids). Does nothing when the index
-    is fresh.
+    The index is not retrained (a scalar quantiser keeps its ranges, a PCA its
+    projection, an IVF its centroids: the sidecar's ``build_params.trained`` still says
+    what they were trained on). Does nothing when the index is fresh.
 
     Returns
     -------
@@ -463,7 +718,8 @@ def update_index(
     side.update(
         n_rows=int(rows.size),
         store_generation=int(st.generation),
-        updates=list(side.get("updates", [])) + [{"generation": int(st.generation), "added": int(new.size), "seconds": round(seconds, 3)}],
+        updates=list(side.get("updates", []))
+        + [{"generation": int(st.generation), "added": int(new.size), "retrained": False, "seconds": round(seconds, 3)}],
         cxrstore_version=__version__,
     )
     logger.info("added %d rows to the index of %r in %.1f s", new.size, model, seconds)
@@ -518,8 +774,10 @@ class LoadedIndex:
 
     @property
     def supports_selector(self) -> bool:
-        inner = inner_index(self.index)
-        return isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSW, faiss.IndexIVF))
+        """Whether a filtered search can pass an ID selector to the searching index."""
+        chain = index_chain(self.index)
+        wrappers_ok = all(isinstance(p, (*_WRAPPERS, faiss.VectorTransform)) for p in chain[:-1])
+        return wrappers_ok and isinstance(chain[-1], (faiss.IndexFlat, faiss.IndexHNSW, faiss.IndexIVF))
 
     def prepare_queries(self, queries: np.ndarray) -> np.ndarray:
         """Queries as the index expects them (L2-normalised for cosine)."""
@@ -552,22 +810,43 @@ class LoadedIndex:
             with omp_threads(query_threads(len(queries))):
                 return self.index.search(queries, k)
         sel = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-        params = self._params(sel)
+        keep: list[Any] = [sel]  # SWIG parameter objects hold raw pointers: keep them alive
+        params = self._params(sel, keep) if self.supports_selector else None
         if params is None:
             raise UsageError(f"index {self.sidecar['factory']!r} does not support filtered search")
         with omp_threads(query_threads(len(queries))):
             return self.index.search(queries, k, params=params)
 
-    def _params(self, sel: Any) -> Any:
-        inner = inner_index(self.index)
-        sp = self.sidecar.get("search_params", {})
-        if isinstance(inner, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=int(sp.get("efSearch", inner.hnsw.efSearch)))
-        if isinstance(inner, faiss.IndexIVF):
-            return faiss.SearchParametersIVF(sel=sel, nprobe=int(sp.get("nprobe", inner.nprobe)))
-        if isinstance(inner, faiss.IndexFlat):
-            return faiss.SearchParameters(sel=sel)
-        return None
+    def _params(self, sel: Any, keep: list[Any]) -> Any:
+        """Search parameters carrying ``sel`` (store rows) to the searching index.
+
+        Directly under the ``IndexIDMap2``, the selector rides on the outer parameters
+        and FAISS translates it to internal ids. Under an ``IndexRefine`` (whose search
+        reads only ``IndexRefineSearchParameters.base_index_params``) and an
+        ``IndexPreTransform`` (which hands the parameters to its index), the selector is
+        translated here (``IDSelectorTranslated``) and set on the innermost parameters.
+        """
+        chain = index_chain(self.index)
+        nested = any(isinstance(p, (faiss.IndexRefine, faiss.IndexPreTransform)) for p in chain)
+        if nested and isinstance(self.index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            sel = faiss.IDSelectorTranslated(self.index.id_map, sel)
+            keep.append(sel)
+        params = _core_params(chain[-1], sel)
+        for part in reversed(chain[:-1]):
+            if isinstance(part, faiss.IndexRefine):
+                keep.append(params)
+                params = faiss.IndexRefineSearchParameters(k_factor=float(part.k_factor), base_index_params=params)
+        keep.append(params)
+        return params
+
+
+def _core_params(core: Any, sel: Any) -> Any:
+    """Parameters of the searching index with its current settings and ``sel``."""
+    if isinstance(core, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=int(core.hnsw.efSearch))
+    if isinstance(core, faiss.IndexIVF):
+        return faiss.SearchParametersIVF(sel=sel, nprobe=int(core.nprobe))
+    return faiss.SearchParameters(sel=sel)
 
 
 _CACHE: dict[tuple[str, str], LoadedIndex] = {}
