@@ -160,7 +160,7 @@ def test_fetch_plan_and_download_only_on_request(tmp_path: Path, monkeypatch: py
 
     spec = w.fetch_plan("medimageinsight")
     assert spec.repo_id == "lion-ai/MedImageInsights" and "2024.09.27/vision_model/medimageinsigt-v1.0.0.pt" in spec.patterns
-    with pytest.raises(UsageError, match="fetchable: elixr-v2, medimageinsight"):
+    with pytest.raises(UsageError, match="fetchable: biomedclip, elixr-v2, medimageinsight, rad-dino"):
         w.fetch_plan("nope")
     calls: list[dict] = []
 

@@ -183,4 +183,4 @@ def encoder_from_config(config: EncoderConfig | dict[str, Any], **options: Any) 
 def _load_builtin() -> None:
     # Importing the modules runs their @register_encoder decorators; the real models'
     # modules import torch only when an encoder is built.
-    from cxrstore.encoders import baseline, hf_vision, medimageinsight, openclip, xrv  # noqa: F401
+    from cxrstore.encoders import baseline, elixr, hf_vision, medimageinsight, openclip, xrv  # noqa: F401
