@@ -28,7 +28,7 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _insert(D: np.ndarray, I: np.ndarray, r: int, v: float, pos: int) -> None:  # noqa: E741
+def _insert(D: np.ndarray, I: np.ndarray, r: int, v: float, pos: int) -> None:
     k = D.shape[1]
     p = k - 1
     while p > 0 and D[r, p - 1] < v:
@@ -40,7 +40,7 @@ def _insert(D: np.ndarray, I: np.ndarray, r: int, v: float, pos: int) -> None:  
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def merge_rows(s: np.ndarray, D: np.ndarray, I: np.ndarray, r0: int, c0: int) -> None:  # noqa: E741
+def merge_rows(s: np.ndarray, D: np.ndarray, I: np.ndarray, r0: int, c0: int) -> None:
     """Merge each row ``i`` of ``s`` into the list of row ``r0 + i`` (positions ``c0 + j``)."""
     bi, bj = s.shape
     k = D.shape[1]
@@ -55,7 +55,7 @@ def merge_rows(s: np.ndarray, D: np.ndarray, I: np.ndarray, r0: int, c0: int) ->
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def merge_cols(s: np.ndarray, D: np.ndarray, I: np.ndarray, r0: int, c0: int, parts: int) -> None:  # noqa: E741
+def merge_cols(s: np.ndarray, D: np.ndarray, I: np.ndarray, r0: int, c0: int, parts: int) -> None:
     """Merge each column ``j`` of ``s`` into the list of row ``c0 + j`` (positions ``r0 + i``).
 
     ``parts`` column ranges are processed in parallel; within one, rows of ``s`` are
@@ -86,7 +86,7 @@ def empty_lists(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def merge_rows_ids(vals: np.ndarray, ids: np.ndarray, D: np.ndarray, I: np.ndarray, r0: int) -> None:  # noqa: E741
+def merge_rows_ids(vals: np.ndarray, ids: np.ndarray, D: np.ndarray, I: np.ndarray, r0: int) -> None:
     """Merge row ``i`` of ``vals`` (positions ``ids[i]``; ``-1`` ignored) into row ``r0 + i``."""
     bi, bj = vals.shape
     k = D.shape[1]

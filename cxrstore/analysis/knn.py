@@ -182,7 +182,7 @@ def exact_knn(
     _check_k(k, n)
     dev = _resolve_device(device)
     t0 = time.perf_counter()
-    D, I = empty_lists(n, k)  # noqa: E741
+    D, I = empty_lists(n, k)
     parts = max(1, numba.get_num_threads())
     gpu_res = faiss.StandardGpuResources() if dev == "gpu" else None
     flops = 0.0
@@ -268,7 +268,7 @@ def _product(q: np.ndarray, x: np.ndarray, buf: np.ndarray) -> np.ndarray:
     return np.matmul(q, x.T, out=out)
 
 
-def _gpu_pair(res: Any, D: np.ndarray, I: np.ndarray, q: np.ndarray, x: np.ndarray, i0: int, j0: int, k: int, *, diagonal: bool) -> None:  # noqa: E741
+def _gpu_pair(res: Any, D: np.ndarray, I: np.ndarray, q: np.ndarray, x: np.ndarray, i0: int, j0: int, k: int, *, diagonal: bool) -> None:
     """One block pair on the GPU: top-k both ways with ``faiss.knn_gpu`` (not symmetric)."""
     metric = faiss.METRIC_INNER_PRODUCT
     if diagonal:

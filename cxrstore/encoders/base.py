@@ -180,7 +180,53 @@ def encoder_from_config(config: EncoderConfig | dict[str, Any], **options: Any) 
     return encoder
 
 
+# -- checks every encoder makes ----------------------------------------------------------
+def canonical_input(image: Any, encoder: str) -> np.ndarray:
+    """A canonical image checked and read as float32 in [0, 1] (for ``prepare`` steps).
+
+    Raises
+    ------
+    UsageError
+        If the image is not 2-D, is empty, or holds NaN or infinity (naming ``encoder``).
+    """
+    x = np.asarray(image)
+    if x.ndim != 2 or x.size == 0:
+        raise UsageError(f"{encoder} expects a non-empty 2-D grayscale image, got shape {x.shape}")
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x.sum(dtype=np.float64)):
+        raise UsageError(f"{encoder} got an image containing NaN or infinity")
+    return np.clip(x, np.float32(0.0), np.float32(1.0))
+
+
+def check_options(encoder: str, unknown: dict[str, Any], allowed: str) -> None:
+    """Refuse options an encoder's constructor does not take, listing those it does."""
+    if unknown:
+        raise UsageError(f"unknown option(s) for encoder {encoder!r}: {', '.join(sorted(unknown))}; allowed: {allowed}")
+
+
+def check_batch(encoder: str, batch: Any) -> int | None:
+    """``batch`` (images per model call) as given, refused unless None or a positive int."""
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise UsageError(f"{encoder} option batch must be a positive integer, not {batch!r}")
+    return batch
+
+
+def forward_in_chunks(run: Callable[[Sequence[np.ndarray]], np.ndarray], batch: Sequence[np.ndarray], step: int | None, dim: int) -> np.ndarray:
+    """``run`` on slices of at most ``step`` prepared inputs (all at once when None), stacked."""
+    if len(batch) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    step = step or len(batch)
+    return np.concatenate([run(batch[i : i + step]) for i in range(0, len(batch), step)])
+
+
 def _load_builtin() -> None:
     # Importing the modules runs their @register_encoder decorators; the real models'
     # modules import torch only when an encoder is built.
-    from cxrstore.encoders import baseline, elixr, hf_vision, medimageinsight, openclip, xrv  # noqa: F401
+    from cxrstore.encoders import (  # noqa: F401
+        baseline,
+        elixr,
+        hf_vision,
+        medimageinsight,
+        openclip,
+        xrv,
+    )

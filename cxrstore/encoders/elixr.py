@@ -80,7 +80,13 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from cxrstore.encoders.base import EncoderConfig, register_encoder
+from cxrstore.encoders.base import (
+    EncoderConfig,
+    canonical_input,
+    check_batch,
+    check_options,
+    register_encoder,
+)
 from cxrstore.encoders.weights import check_device, weights_sha256
 from cxrstore.errors import UsageError
 
@@ -287,13 +293,7 @@ def prepare_elixr(image: np.ndarray) -> np.ndarray:
     """
     from cxrstore.importers import encode_example
 
-    x = np.asarray(image)
-    if x.ndim != 2 or x.size == 0:
-        raise UsageError(f"{_NAME} expects a non-empty 2-D grayscale image, got shape {x.shape}")
-    x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x.sum(dtype=np.float64)):
-        raise UsageError(f"{_NAME} got an image containing NaN or infinity")
-    x = np.clip(x, 0.0, 1.0)
+    x = canonical_input(image, _NAME)  # float32, clipped to [0, 1]
     example = encode_example({EXAMPLE_IMAGE_KEY: [encode_png(x)], EXAMPLE_FORMAT_KEY: [b"png"]})
     return np.frombuffer(example, dtype=np.uint8)
 
@@ -420,10 +420,7 @@ class ElixrV2Encoder:
         output: str = "img_emb",
         **unknown: Any,
     ) -> None:
-        if unknown:
-            raise UsageError(
-                f"unknown option(s) for encoder {_NAME!r}: {', '.join(sorted(unknown))}; allowed: {_OPTIONS}"
-            )
+        check_options(_NAME, unknown, _OPTIONS)
         if weights is None:
             raise UsageError(
                 f"encoder {_NAME!r} needs weights=: a local folder laid out like the Hugging Face repository "
@@ -437,8 +434,7 @@ class ElixrV2Encoder:
                 f"encoder {_NAME!r} runs in float32 only: the ELIXR SavedModels are exported in float32 "
                 "and have no half-precision variant; drop --half"
             )
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-            raise UsageError(f"{_NAME} option batch must be a positive integer, not {batch!r}")
+        check_batch(_NAME, batch)
         if output not in OUTPUTS:
             raise UsageError(f"{_NAME} option output must be one of: {', '.join(OUTPUTS)}; not {output!r}")
         self.batch = batch

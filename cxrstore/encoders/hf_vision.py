@@ -77,7 +77,14 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from cxrstore.encoders.base import EncoderConfig, register_encoder
+from cxrstore.encoders.base import (
+    EncoderConfig,
+    canonical_input,
+    check_batch,
+    check_options,
+    forward_in_chunks,
+    register_encoder,
+)
 from cxrstore.encoders.weights import (
     check_device,
     check_half,
@@ -418,12 +425,7 @@ def prepare_hf(
     UsageError
         If the image is not 2-D, is empty, or holds NaN or infinity.
     """
-    x = np.asarray(image)
-    if x.ndim != 2 or x.size == 0:
-        raise UsageError(f"hf-vision expects a non-empty 2-D grayscale image, got shape {x.shape}")
-    x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x.sum(dtype=np.float64)):
-        raise UsageError("hf-vision got an image containing NaN or infinity")
+    x = canonical_input(image, "hf-vision")
     x8 = np.rint(np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
     if do_resize:
         h, w = _resized_shape(*x8.shape, size or {"shortest_edge": 224})
@@ -483,11 +485,7 @@ class HfVisionEncoder:
         pooling: str = "cls",
         **unknown: Any,
     ) -> None:
-        if unknown:
-            raise UsageError(
-                f"unknown option(s) for encoder 'hf-vision': {', '.join(sorted(unknown))}; "
-                "allowed: weights, device, batch, half, pooling"
-            )
+        check_options("hf-vision", unknown, "weights, device, batch, half, pooling")
         if weights is None:
             raise UsageError(
                 "encoder 'hf-vision' needs weights=: a local Hugging Face model folder (config.json, "
@@ -495,8 +493,7 @@ class HfVisionEncoder:
             )
         self.device_name = check_device(device)
         self.half = check_half(half, self.device_name)
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-            raise UsageError(f"hf-vision option batch must be a positive integer, not {batch!r}")
+        check_batch("hf-vision", batch)
         self.batch = batch
         if pooling not in POOLINGS:
             raise UsageError(f"hf-vision option pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
@@ -614,10 +611,7 @@ class HfVisionEncoder:
 
     def forward(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         """Encode prepared images; returns ``(len(batch), dim)`` float32 (not normalised)."""
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        step = self.batch or len(batch)
-        return np.concatenate([self._forward(batch[i : i + step]) for i in range(0, len(batch), step)])
+        return forward_in_chunks(self._forward, batch, self.batch, self.dim)
 
     def pixel_values(self, batch: Sequence[np.ndarray]) -> Any:
         """The model input (a float32 tensor on the device) of prepared images."""

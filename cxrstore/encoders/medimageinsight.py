@@ -47,7 +47,14 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from cxrstore.encoders.base import EncoderConfig, register_encoder
+from cxrstore.encoders.base import (
+    EncoderConfig,
+    canonical_input,
+    check_batch,
+    check_options,
+    forward_in_chunks,
+    register_encoder,
+)
 from cxrstore.encoders.weights import (
     check_device,
     check_half,
@@ -234,12 +241,7 @@ def prepare_mii(image: np.ndarray, *, size: tuple[int, int] = (480, 480)) -> np.
     UsageError
         If the image is not 2-D, is empty, or holds NaN or infinity.
     """
-    x = np.asarray(image)
-    if x.ndim != 2 or x.size == 0:
-        raise UsageError(f"medimageinsight expects a non-empty 2-D grayscale image, got shape {x.shape}")
-    x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x.sum(dtype=np.float64)):
-        raise UsageError("medimageinsight got an image containing NaN or infinity")
+    x = canonical_input(image, "medimageinsight")
     # As published: an 8-bit image and PIL's bicubic resize (which clamps to [0, 255]
     # after each of its two separable passes); / 255 follows in forward.
     x8 = np.rint(np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
@@ -296,11 +298,7 @@ class MedImageInsightEncoder:
         half: bool = False,
         **unknown: Any,
     ) -> None:
-        if unknown:
-            raise UsageError(
-                f"unknown option(s) for encoder 'medimageinsight': {', '.join(sorted(unknown))}; "
-                "allowed: weights, device, batch, half"
-            )
+        check_options("medimageinsight", unknown, "weights, device, batch, half")
         if weights is None:
             raise UsageError(
                 "encoder 'medimageinsight' needs weights=: a local folder laid out like the Hugging Face "
@@ -308,8 +306,7 @@ class MedImageInsightEncoder:
             )
         self.device_name = check_device(device)
         self.half = check_half(half, self.device_name)
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-            raise UsageError(f"medimageinsight option batch must be a positive integer, not {batch!r}")
+        check_batch("medimageinsight", batch)
         self.batch = batch
         import_torch(_EXTRA, self.name)
         # refuse an unusable device before hashing and reading gigabytes of weights
@@ -369,7 +366,7 @@ class MedImageInsightEncoder:
         out: dict[str, Any] = {}
         try:
             with safe_open(str(self.weights_path), framework="pt", device="cpu") as fh:
-                for key in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                for key in fh.keys():
                     name = canonical_key(key)
                     if name.startswith("image_encoder.") or name == "image_projection":
                         out[name] = fh.get_tensor(key)
@@ -435,10 +432,7 @@ class MedImageInsightEncoder:
 
     def forward(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         """Encode prepared images; returns ``(len(batch), dim)`` float32 unit vectors."""
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        step = self.batch or len(batch)
-        return np.concatenate([self._forward(batch[i : i + step]) for i in range(0, len(batch), step)])
+        return forward_in_chunks(self._forward, batch, self.batch, self.dim)
 
     def _forward(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         torch = import_torch(_EXTRA, self.name)

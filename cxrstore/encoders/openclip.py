@@ -71,7 +71,14 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from cxrstore.encoders.base import EncoderConfig, register_encoder
+from cxrstore.encoders.base import (
+    EncoderConfig,
+    canonical_input,
+    check_batch,
+    check_options,
+    forward_in_chunks,
+    register_encoder,
+)
 from cxrstore.encoders.weights import (
     check_device,
     check_half,
@@ -84,8 +91,8 @@ from cxrstore.errors import UsageError
 __all__ = [
     "BIOMEDCLIP_CONFIG",
     "CONFIG_FILE",
-    "WEIGHTS_FILES",
     "STANDIN_MODEL_CFG",
+    "WEIGHTS_FILES",
     "OpenClipEncoder",
     "build_vision_tower",
     "find_openclip_files",
@@ -498,12 +505,7 @@ def prepare_openclip(
     UsageError
         If the image is not 2-D, is empty, or holds NaN or infinity, or on an unknown mode.
     """
-    x = np.asarray(image)
-    if x.ndim != 2 or x.size == 0:
-        raise UsageError(f"open-clip expects a non-empty 2-D grayscale image, got shape {x.shape}")
-    x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x.sum(dtype=np.float64)):
-        raise UsageError("open-clip got an image containing NaN or infinity")
+    x = canonical_input(image, "open-clip")
     if resize_mode not in ("shortest", "longest", "squash") or interpolation not in _RESAMPLE:
         raise UsageError(f"open-clip: unknown resize_mode {resize_mode!r} or interpolation {interpolation!r}")
     x8 = np.rint(np.clip(x, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
@@ -538,7 +540,7 @@ def _read_visual_tensors(path: Path) -> dict[str, Any]:
             ) from None
         try:
             with safe_open(str(path), framework="pt", device="cpu") as fh:
-                for key in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                for key in fh.keys():
                     name = key[7:] if key.startswith("module.") else key
                     if name.startswith("visual."):
                         out[name[7:]] = fh.get_tensor(key)
@@ -547,7 +549,7 @@ def _read_visual_tensors(path: Path) -> dict[str, Any]:
     else:
         try:
             ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 (pickle, zip and torch errors alike)
+        except Exception as exc:
             raise UsageError(
                 f"cannot read open-clip weights {path}: not a torch checkpoint loadable with weights_only=True ({exc})"
             ) from None
@@ -633,11 +635,7 @@ class OpenClipEncoder:
         normalize: bool = True,
         **unknown: Any,
     ) -> None:
-        if unknown:
-            raise UsageError(
-                f"unknown option(s) for encoder {_NAME!r}: {', '.join(sorted(unknown))}; "
-                "allowed: weights, device, batch, half, normalize"
-            )
+        check_options("open-clip", unknown, "weights, device, batch, half, normalize")
         if weights is None:
             raise UsageError(
                 f"encoder {_NAME!r} needs weights=: a local open_clip model folder ({CONFIG_FILE} and "
@@ -645,8 +643,7 @@ class OpenClipEncoder:
             )
         self.device_name = check_device(device)
         self.half = check_half(half, self.device_name)
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-            raise UsageError(f"{_NAME} option batch must be a positive integer, not {batch!r}")
+        check_batch("open-clip", batch)
         if not isinstance(normalize, bool):
             raise UsageError(f"{_NAME} option normalize must be True or False, not {normalize!r}")
         self.batch = batch
@@ -714,10 +711,7 @@ class OpenClipEncoder:
 
     def forward(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         """Encode prepared images; returns ``(len(batch), dim)`` float32."""
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        step = self.batch or len(batch)
-        return np.concatenate([self._forward(batch[i : i + step]) for i in range(0, len(batch), step)])
+        return forward_in_chunks(self._forward, batch, self.batch, self.dim)
 
     def _forward(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         torch = import_torch(_EXTRA, self.name)

@@ -99,7 +99,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from cxrstore.encoders.base import EncoderConfig, register_encoder
+from cxrstore.encoders.base import (
+    EncoderConfig,
+    canonical_input,
+    check_batch,
+    check_options,
+    forward_in_chunks,
+    register_encoder,
+)
 from cxrstore.encoders.weights import (
     check_device,
     check_half,
@@ -113,8 +120,8 @@ __all__ = [
     "INPUT_SIZE",
     "XrvEncoder",
     "center_crop",
-    "prepare_xrv",
     "pickled_globals",
+    "prepare_xrv",
     "read_xrv_weights",
     "save_release_pickle",
     "skimage_resize",
@@ -213,13 +220,7 @@ def prepare_xrv(image: np.ndarray, *, size: int = INPUT_SIZE) -> np.ndarray:
     UsageError
         If the image is not 2-D, is empty, or holds NaN or infinity.
     """
-    x = np.asarray(image)
-    if x.ndim != 2 or x.size == 0:
-        raise UsageError(f"torchxrayvision expects a non-empty 2-D grayscale image, got shape {x.shape}")
-    x = np.asarray(x, dtype=np.float32)
-    if not np.isfinite(x.sum(dtype=np.float64)):
-        raise UsageError("torchxrayvision got an image containing NaN or infinity")
-    x = np.clip(x, np.float32(0.0), np.float32(1.0))
+    x = canonical_input(image, _NAME)  # float32, clipped to [0, 1]
     x = (np.float32(2.0) * x - np.float32(1.0)) * np.float32(SCALE)
     x = center_crop(x)
     if x.shape != (size, size):
@@ -508,7 +509,7 @@ def _load_torch_object(p: Path) -> Any:
     """``torch.load`` with ``weights_only=True``; failing that, with the restricted unpickler."""
     try:
         return _torch_load(p, restricted=False)
-    except Exception as exc:  # noqa: BLE001 (a whole pickled model, or not a torch file at all)
+    except Exception as exc:
         first = exc
     try:
         return _torch_load(p, restricted=True)
@@ -520,7 +521,7 @@ def _load_torch_object(p: Path) -> Any:
         ) from None
     except UsageError:
         raise
-    except Exception as exc:  # noqa: BLE001 (torch raises RuntimeError, EOFError, zip errors ...)
+    except Exception as exc:
         why = first if not isinstance(first, pickle.UnpicklingError) else exc
         raise UsageError(
             f"cannot read torchxrayvision weights {p}: not a torch or safetensors file ({type(why).__name__}: {why})"
@@ -590,10 +591,7 @@ class XrvEncoder:
         half: bool = False,
         **unknown: Any,
     ) -> None:
-        if unknown:
-            raise UsageError(
-                f"unknown option(s) for encoder {_NAME!r}: {', '.join(sorted(unknown))}; allowed: weights, device, batch, half"
-            )
+        check_options(_NAME, unknown, "weights, device, batch, half")
         if weights is None:
             raise UsageError(
                 f"encoder {_NAME!r} needs weights=: a local torchxrayvision weights file, e.g. the release file "
@@ -602,8 +600,7 @@ class XrvEncoder:
             )
         self.device_name = check_device(device)
         self.half = check_half(half, self.device_name)
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-            raise UsageError(f"{_NAME} option batch must be a positive integer, not {batch!r}")
+        check_batch(_NAME, batch)
         self.batch = batch
         import_torch(_EXTRA, self.name)
         self._device: Any = resolve_torch_device(self.device_name, extra=_EXTRA, encoder=self.name)
@@ -715,10 +712,7 @@ class XrvEncoder:
 
     def forward(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         """Encode prepared images; returns ``(len(batch), dim)`` float32 ``features2`` vectors."""
-        if len(batch) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        step = self.batch or len(batch)
-        return np.concatenate([self._forward(batch[i : i + step]) for i in range(0, len(batch), step)])
+        return forward_in_chunks(self._forward, batch, self.batch, self.dim)
 
     def _forward(self, batch: Sequence[np.ndarray]) -> np.ndarray:
         torch = import_torch(_EXTRA, self.name)
@@ -916,6 +910,6 @@ def pickled_globals(path: str | Path) -> list[str]:
                     strings.append(str(arg))
                 elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                     found.append(f"{strings[-2]}.{strings[-1]}")
-        except Exception:  # noqa: BLE001 (the raw storage bytes after the pickles of a legacy file)
+        except Exception:
             break
     return found
