@@ -471,7 +471,7 @@ def test_cli_ingest_with_weights_and_info_shows_provenance(standin: Path, real_c
     from click.testing import CliRunner
 
     from cli.main import cli
-    from tests.encoder_cli import ingest_then_info
+    from tests.encoder_checks import ingest_then_info
 
     files = ("00000001_000.png", "Fake_MONOHR1.dcm", "16747_3_1.jpg")
     entry, _ = ingest_then_info(real_cxr, tmp_path, "elixr-v2", standin, files=files, workers=1)

@@ -8,7 +8,6 @@ the CPU; the only difference allowed is float summation order).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -39,6 +38,7 @@ from cxrstore.encoders.hf_vision import (
 from cxrstore.errors import ProvenanceError, UsageError
 from cxrstore.ingest import ingest
 from cxrstore.store.store import Store
+from tests.encoder_checks import write_manifest
 
 ATOL = 1e-5
 #: The keys and values of RAD-DINO's preprocessor_config.json (BitImageProcessor at 518).
@@ -106,12 +106,7 @@ def _files(real_cxr: Path) -> list[str]:
 def ingested(tmp_path_factory: pytest.TempPathFactory, standin: Path, real_cxr: Path) -> tuple[Path, list[str]]:
     files = _files(real_cxr)
     work = tmp_path_factory.mktemp("hf-store")
-    manifest = work / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_id", "path"])
-        for name in files:
-            writer.writerow([Path(name).stem, name])
+    manifest = write_manifest(work / "manifest.csv", files)
     enc = get_encoder("hf-vision", weights=standin, batch=4)
     report = ingest(work / "store", CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0, batch_size=5)
     assert report.failed == 0, report.failures
@@ -443,7 +438,7 @@ def test_preparer_is_picklable_and_rebuilds_from_config(standin: Path, tmp_path:
 
 def test_cli_ingest_with_weights_and_info_shows_provenance(standin: Path, real_cxr: Path, tmp_path: Path) -> None:
     """`cxrstore ingest --encoder hf-vision --weights DIR`, then `cxrstore info` shows the weights' sha256."""
-    from tests.encoder_cli import ingest_then_info
+    from tests.encoder_checks import ingest_then_info
 
     entry, _ = ingest_then_info(real_cxr, tmp_path, "hf-vision", standin)
     prov = entry["provenance"]

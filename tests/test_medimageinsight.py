@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from cxrstore.encoders.medimageinsight import (
 from cxrstore.errors import ProvenanceError, UsageError
 from cxrstore.ingest import ingest
 from cxrstore.store.store import Store
+from tests.encoder_checks import write_manifest
 
 WEIGHTS = "2024.09.27/vision_model/medimageinsigt-v1.0.0.pt"
 
@@ -55,12 +55,7 @@ def small_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ingested(tmp_path_factory: pytest.TempPathFactory, standin: Path, real_cxr: Path) -> tuple[Path, list[str]]:
     files = sorted(p.name for p in real_cxr.iterdir() if p.is_file())
     work = tmp_path_factory.mktemp("mii-store")
-    manifest = work / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_id", "path"])
-        for name in files:
-            writer.writerow([Path(name).stem, name])
+    manifest = write_manifest(work / "manifest.csv", files)
     enc = get_encoder("medimageinsight", weights=standin, batch=4)
     report = ingest(work / "store", CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0, batch_size=5)
     assert report.failed == 0, report.failures
@@ -296,7 +291,7 @@ def test_ingest_dataset_by_name_with_encoder_options(small_standin: Path, real_c
 def test_cli_ingest_with_weights_and_info_shows_provenance(small_standin: Path, real_cxr: Path, tmp_path: Path) -> None:
     """`cxrstore ingest --encoder medimageinsight --weights DIR`, then `cxrstore info` shows the weights' sha256."""
     from cxrstore.encoders.weights import weights_sha256
-    from tests.encoder_cli import ingest_then_info
+    from tests.encoder_checks import ingest_then_info
 
     entry, _ = ingest_then_info(real_cxr, tmp_path, "medimageinsight", small_standin)
     prov = entry["provenance"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import pickle
@@ -35,6 +34,7 @@ from cxrstore.encoders.openclip import (  # noqa: E402
 from cxrstore.errors import ProvenanceError, UsageError  # noqa: E402
 from cxrstore.ingest import ingest  # noqa: E402
 from cxrstore.store.store import Store  # noqa: E402
+from tests.encoder_checks import write_manifest  # noqa: E402
 
 SAFE = "open_clip_model.safetensors"
 BIN = "open_clip_pytorch_model.bin"
@@ -62,12 +62,7 @@ def ingested(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     kind = request.param
     files = sorted(p.name for p in real_cxr.iterdir() if p.is_file())
     work = tmp_path_factory.mktemp(f"openclip-store-{kind}")
-    manifest = work / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_id", "path"])
-        for name in files:
-            writer.writerow([Path(name).stem, name])
+    manifest = write_manifest(work / "manifest.csv", files)
     enc = get_encoder("open-clip", weights=standins[kind], batch=4)
     report = ingest(work / "store", CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0, batch_size=5)
     assert report.failed == 0, report.failures
@@ -575,7 +570,7 @@ def test_ingest_dataset_by_name_with_encoder_options(standins: dict[str, Path], 
 def test_cli_ingest_with_weights_and_info_shows_provenance(standins: dict[str, Path], real_cxr: Path, tmp_path: Path) -> None:
     """`cxrstore ingest --encoder open-clip --weights DIR`, then `cxrstore info` shows the weights' sha256."""
     from cxrstore.encoders.weights import weights_sha256
-    from tests.encoder_cli import ingest_then_info
+    from tests.encoder_checks import ingest_then_info
 
     entry, _ = ingest_then_info(real_cxr, tmp_path, "open-clip", standins["native"])
     prov = entry["provenance"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 import os
@@ -35,6 +34,7 @@ from cxrstore.encoders.xrv import (
 from cxrstore.errors import ProvenanceError, UsageError
 from cxrstore.ingest import ingest
 from cxrstore.store.store import Store
+from tests.encoder_checks import write_manifest
 
 TINY_DIM = 32  # 16 + 2*8 -> 16 -> 32 -> 16 -> 32 -> 16 -> 32 (TINY_ARCH)
 
@@ -58,12 +58,7 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ingested(tmp_path_factory: pytest.TempPathFactory, release: Path, real_cxr: Path) -> tuple[Path, list[str]]:
     files = sorted(p.name for p in real_cxr.iterdir() if p.is_file())
     work = tmp_path_factory.mktemp("xrv-store")
-    manifest = work / "manifest.csv"
-    with open(manifest, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_id", "path"])
-        for name in files:
-            writer.writerow([Path(name).stem, name])
+    manifest = write_manifest(work / "manifest.csv", files)
     enc = get_encoder("torchxrayvision", weights=release, batch=4)
     report = ingest(work / "store", CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0, batch_size=5)
     assert report.failed == 0, report.failures
@@ -464,7 +459,7 @@ def test_different_weights_refused_into_same_model(ingested: tuple[Path, list[st
 def test_cli_ingest_with_weights_and_info_shows_provenance(release: Path, real_cxr: Path, tmp_path: Path) -> None:
     """`cxrstore ingest --encoder torchxrayvision --weights FILE`, then `cxrstore info`."""
     from cxrstore.encoders.weights import weights_sha256
-    from tests.encoder_cli import ingest_then_info
+    from tests.encoder_checks import ingest_then_info
 
     entry, _ = ingest_then_info(real_cxr, tmp_path, "torchxrayvision", release)
     prov = entry["provenance"]

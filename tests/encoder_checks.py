@@ -1,7 +1,8 @@
-"""The CLI check every real encoder's tests make: ingest real files, then `cxrstore info`."""
+"""Checks every real encoder's tests make: a manifest of real files; CLI ingest, then `cxrstore info`."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,16 @@ from cli.main import cli
 
 #: Two real files of ../shared/data/real-cxr: an 8-bit PNG and a MONOCHROME1 DICOM.
 REAL_FILES = ("00000001_000.png", "Fake_MONOHR1.dcm")
+
+
+def write_manifest(path: Path, files: list[str] | tuple[str, ...]) -> Path:
+    """A CSV manifest (``image_id`` = the file's stem, ``path``) of ``files``; returns ``path``."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image_id", "path"])
+        for name in files:
+            writer.writerow([Path(name).stem, name])
+    return path
 
 
 def ingest_then_info(
