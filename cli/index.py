@@ -36,7 +36,7 @@ def _print(info: dict) -> None:
 @click.option("--model", "-m", required=True, help="Model whose vectors are indexed.")
 @click.option("--factory", default="auto", show_default=True,
               help="FAISS factory string ('Flat', 'HNSW32,Flat', 'HNSW32_SQ8,RFlat', 'PCA512,HNSW32,RFlat'...) or 'auto' "
-                   "(Flat up to rows x dim = 2**24; beyond, HNSW32_SQ8 + exact re-rank from 4096-d, HNSW32 below).")
+                   "(Flat up to rows x dim = 2**24; beyond, HNSW32_SQ8 + exact re-rank from 1024-d, HNSW32 below).")
 @click.option("--metric", type=click.Choice(["cosine", "ip"]), default="cosine", show_default=True,
               help="cosine: inner product of L2-normalised vectors; ip: raw inner product.")
 @click.option("--search-param", "search_params", multiple=True, metavar="NAME=VALUE",

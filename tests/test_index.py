@@ -83,8 +83,9 @@ def test_default_factory_thresholds() -> None:
     assert default_factory(500, 512) == ("Flat", {})
     assert default_factory(FLAT_MAX_COST // 1024, 1024)[0] == "Flat"
     assert default_factory(FLAT_MAX_COST // 1024 + 1, 1024)[0].startswith("HNSW")
-    factory, params = default_factory(50_000, 1024)
+    factory, params = default_factory(50_000, 512)
     assert factory == "HNSW32,Flat" and params == {"efSearch": 128}
+    assert default_factory(50_000, 1024)[0] == "HNSW32_SQ8,RFlat"
     # high dimensions: HNSW over 8-bit codes, exact re-rank
     assert default_factory(20_000, 24_576) == ("HNSW32_SQ8,RFlat", {"efSearch": 64, "k_factor_rf": 2})
     assert default_factory(FLAT_MAX_COST // HIGH_DIM_MIN + 1, HIGH_DIM_MIN)[0] == "HNSW32_SQ8,RFlat"
@@ -99,7 +100,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def high_dim_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, np.ndarray, dict]:
     """5,000 x 4,096 clustered vectors with isotropic within-cluster noise, indexed with ``auto``."""
-    n, d = 5000, HIGH_DIM_MIN
+    n, d = 5000, 4 * HIGH_DIM_MIN
     assert n * d > FLAT_MAX_COST
     x = clustered(n, d, clusters=30, spread=0.7, seed=4)
     store = make_store(tmp_path_factory.mktemp("hd") / "s", x)
@@ -142,6 +143,23 @@ def test_high_dim_default_reaches_recall_095(high_dim_store: tuple[Store, np.nda
     # the re-rank returns exact cosine similarities of the rows it returns
     exact = np.einsum("ij,ikj->ik", normalise(q), x[rows])
     np.testing.assert_allclose(sims, exact, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_sq8_default_at_1024_dims_reaches_recall_095(tmp_path: Path) -> None:
+    """From HIGH_DIM_MIN (1024, MedImageInsight's width) the automatic index is HNSW over
+    8-bit codes with an exact re-rank; its calibrated default keeps recall@10 >= 0.95."""
+    n, d = FLAT_MAX_COST // HIGH_DIM_MIN + 600, HIGH_DIM_MIN
+    x = clustered(n, d, clusters=30, spread=0.7, seed=12)
+    store = make_store(tmp_path / "s", x)
+    side = build_index(store, "m")
+    assert side["factory"] == "HNSW32_SQ8,RFlat" and side["auto"]
+    loaded = load_index(store, "m")
+    q = held_out_queries(x)
+    sims, rows = loaded.search(loaded.prepare_queries(q), 10)
+    _, truth = brute_force(x, q, 10)
+    assert recall(rows, truth) >= 0.95, recall(rows, truth)
+    np.testing.assert_allclose(sims, np.einsum("ij,ikj->ik", normalise(q), x[rows]), atol=1e-5)
 
 
 def test_high_dim_index_file_opens_with_faiss_read_index(high_dim_store: tuple[Store, np.ndarray, dict]) -> None:

@@ -16,7 +16,7 @@ products).
   at 1024-d, 32,768 at 512-d, 682 at 24,576-d). A flat single query reads the whole
   ``4 n d`` bytes; at that size it takes about 5 ms on two cores, beyond it latency
   grows linearly (about 19 ms at 50,000 x 1024, 200 ms at 20,000 x 24,576).
-- ``"HNSW32_SQ8,RFlat"`` beyond it when ``d >= HIGH_DIM_MIN`` (4096): an HNSW32 graph
+- ``"HNSW32_SQ8,RFlat"`` beyond it when ``d >= HIGH_DIM_MIN`` (1024): an HNSW32 graph
   over 8-bit scalar-quantised codes (per-dimension ranges trained on a seeded sample of
   ``SQ_TRAIN_ROWS`` rows), then an exact re-rank of ``k_factor_rf x k`` candidates over
   the full-precision vectors (``IndexRefineFlat``): the returned similarities are exact.
@@ -47,10 +47,13 @@ products).
   where the neighbour order lives in the discarded dimensions (isotropic within-cluster
   noise at 4,096-d needed ``k_factor_rf=16``). At 20,000 x 4,096 (raw FAISS, one thread)
   SQ8 answered in 0.29-0.45 ms at recall@10 0.988-0.996 against HNSW32,Flat's
-  0.64-1.08 ms at 0.989-0.996.
-- ``"HNSW32,Flat"`` (approximate graph, full-precision vectors) otherwise (e.g. 1024-d,
-  where a projection would save little), built with ``efConstruction=40`` and searched
-  with ``efSearch=128``.
+  0.64-1.08 ms at 0.989-0.996. At 50,000 x 1024 (the benchmark's clustered vectors,
+  raw FAISS, one thread): 0.23 ms at recall@10 0.973 (efSearch 64) and 0.33 ms at 0.983
+  (efSearch 128) against HNSW32,Flat's 0.52 ms at 0.990; hence the threshold at 1024
+  dimensions (MedImageInsight, torchxrayvision).
+- ``"HNSW32,Flat"`` (approximate graph, full-precision vectors) below 1024 dimensions
+  (e.g. the 512-d baseline, where 8-bit codes save little), built with
+  ``efConstruction=40`` and searched with ``efSearch=128``.
 
 Recall@10 against exact search of both approximate defaults is measured in
 ``tests/test_index.py`` (>= 0.95 required) and ``benchmarks/bench_search.py``. The file
@@ -124,7 +127,7 @@ APPROX_EF_SEARCH = 128
 #: The high-dimensional default from HIGH_DIM_MIN dimensions: HNSW over 8-bit scalar
 #: codes, exact re-rank of HIGH_DIM_K_FACTOR x k candidates (efSearch HIGH_DIM_EF_SEARCH),
 #: the settings calibrate() starts from.
-HIGH_DIM_MIN = 4096
+HIGH_DIM_MIN = 1024
 HIGH_DIM_EF_SEARCH = 64
 HIGH_DIM_K_FACTOR = 2
 #: Training sample of scalar quantisers (per-dimension ranges) and of PCA transforms
