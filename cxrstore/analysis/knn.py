@@ -29,10 +29,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import faiss
-import numba
 import numpy as np
 
-from cxrstore.analysis._topk import empty_lists, merge_cols, merge_rows, merge_rows_ids
 from cxrstore.errors import UsageError
 
 if TYPE_CHECKING:
@@ -179,6 +177,10 @@ def exact_knn(
     -------
     KnnGraph
     """
+    import numba  # here, not at import time: importing numba costs every CLI start 0.13 s
+
+    from cxrstore.analysis._topk import empty_lists, merge_cols, merge_rows
+
     _check_k(k, n)
     dev = _resolve_device(device)
     t0 = time.perf_counter()
@@ -270,6 +272,8 @@ def _product(q: np.ndarray, x: np.ndarray, buf: np.ndarray) -> np.ndarray:
 
 def _gpu_pair(res: Any, D: np.ndarray, I: np.ndarray, q: np.ndarray, x: np.ndarray, i0: int, j0: int, k: int, *, diagonal: bool) -> None:
     """One block pair on the GPU: top-k both ways with ``faiss.knn_gpu`` (not symmetric)."""
+    from cxrstore.analysis._topk import merge_rows_ids
+
     metric = faiss.METRIC_INNER_PRODUCT
     if diagonal:
         kk = min(k + 1, q.shape[0])
