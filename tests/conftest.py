@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ PROJECT = Path(__file__).resolve().parents[1]
 SHARED = PROJECT.parent / "shared" / "data"
 REAL_CXR = SHARED / "real-cxr"
 METADATA = SHARED / "metadata"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _weights_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Weights digests are cached in a folder of the test session, never the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    cache = tmp_path_factory.mktemp("cxrstore-cache")
+    mp.setenv("CXRSTORE_CACHE", str(cache))
+    yield cache
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

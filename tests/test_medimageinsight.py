@@ -32,13 +32,6 @@ from tests.encoder_checks import write_manifest
 WEIGHTS = "2024.09.27/vision_model/medimageinsigt-v1.0.0.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CXRSTORE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:

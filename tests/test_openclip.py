@@ -42,13 +42,6 @@ KINDS = ("timm", "native")
 DIMS = {"timm": 16, "native": 24}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CXRSTORE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
 
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

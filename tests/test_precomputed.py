@@ -29,10 +29,6 @@ from cxrstore.store.store import Store
 IDS = [f"img{i:02d}" for i in range(6)]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CXRSTORE_CACHE", str(tmp_path / "cache"))
-
 
 def _manifest(tmp_path: Path, ids: list[str] = IDS) -> Path:
     lines = ["image_id,path,patient_id,study_id,view,sex,age,Effusion"]

@@ -39,13 +39,6 @@ from tests.encoder_checks import write_manifest
 TINY_DIM = 32  # 16 + 2*8 -> 16 -> 32 -> 16 -> 32 -> 16 -> 32 (TINY_ARCH)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CXRSTORE_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
-
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
