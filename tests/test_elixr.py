@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -30,11 +29,12 @@ from cxrstore.encoders.elixr import (
     write_elixr_standin,
 )
 from cxrstore.encoders.weights import weights_sha256
-from cxrstore.errors import ProvenanceError, UsageError
+from cxrstore.errors import UsageError
 from cxrstore.ingest import ingest
 from cxrstore.io.preprocess import load_canonical
 from cxrstore.io.read import read_image
 from cxrstore.store.store import Store
+from tests.encoder_checks import check_other_weights_refused, write_manifest
 
 REAL_DICOM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 
@@ -64,21 +64,12 @@ def _expected_sha(folder: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _manifest(path: Path, names: list[str]) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image_id", "path"])
-        for name in names:
-            writer.writerow([Path(name).stem, name])
-    return path
-
-
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory: pytest.TempPathFactory, standin: Path, real_cxr: Path) -> tuple[Path, list[str]]:
     """All real files into one store: model elixr-v2 (img_emb) and elixr-v2-contrastive."""
     files = sorted(p.name for p in real_cxr.iterdir() if p.is_file())
     work = tmp_path_factory.mktemp("elixr-store")
-    manifest = _manifest(work / "manifest.csv", files)
+    manifest = write_manifest(work / "manifest.csv", files)
     enc = get_encoder("elixr-v2", weights=standin, batch=3)
     report = ingest(work / "store", CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0, batch_size=4)
     assert report.failed == 0, report.failures
@@ -449,13 +440,9 @@ def test_deterministic_batch_independent_and_pipeline_neutral(
 @pytest.mark.slow
 def test_different_weights_refused_into_same_model(ingested: tuple[Path, list[str]], tmp_path: Path, real_cxr: Path) -> None:
     store_path, files = ingested
-    other = write_elixr_standin(tmp_path / "other", seed=9)
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(f"image_id,path\nextra,{files[0]}\n")
-    enc = get_encoder("elixr-v2", weights=other)
+    enc = get_encoder("elixr-v2", weights=write_elixr_standin(tmp_path / "other", seed=9))
     assert enc.config.weights_sha256 != Store(store_path).provenance("elixr-v2")["encoder"]["weights_sha256"]
-    with pytest.raises(ProvenanceError, match="weights_sha256"):
-        ingest(store_path, CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0)
+    check_other_weights_refused(store_path, real_cxr, files[0], enc)
 
 
 @pytest.mark.slow

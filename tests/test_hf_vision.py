@@ -35,10 +35,15 @@ from cxrstore.encoders.hf_vision import (
     read_image_processing,
     write_hf_standin,
 )
-from cxrstore.errors import ProvenanceError, UsageError
+from cxrstore.errors import UsageError
 from cxrstore.ingest import ingest
 from cxrstore.store.store import Store
-from tests.encoder_checks import write_manifest
+from tests.encoder_checks import (
+    check_other_weights_refused,
+    check_reencoding_matches_store,
+    check_torch_encoder_options,
+    write_manifest,
+)
 
 ATOL = 1e-5
 #: The keys and values of RAD-DINO's preprocessor_config.json (BitImageProcessor at 518).
@@ -65,10 +70,9 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _canonical(real_cxr: Path, names: list[str]) -> list[np.ndarray]:
-    from cxrstore.io.preprocess import preprocess
-    from cxrstore.io.read import read_image
+    from cxrstore.io import load_canonical
 
-    return [preprocess(read_image((real_cxr / n).read_bytes())) for n in names]
+    return [load_canonical(real_cxr / n) for n in names]
 
 
 def _as_8bit(images: list[np.ndarray], mode: str = "L") -> list[Image.Image]:
@@ -300,29 +304,16 @@ def test_pytorch_bin_and_sharded_weights_load(standin: Path, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_deterministic_and_batch_independent(ingested: tuple[Path, list[str]], standin: Path, real_cxr: Path) -> None:
     store_path, files = ingested
-    store = Store(store_path)
-    ids = store.column("image_id").tolist()
-    stored = store.select(model="hf-vision").vectors()
     enc = get_encoder("hf-vision", weights=standin)  # another instance, no micro-batching
-    names = files[:3]
-    images = _canonical(real_cxr, names)
-    again = enc.encode(images)
-    single = np.concatenate([enc.encode([im]) for im in images])
-    for i, n in enumerate(names):
-        np.testing.assert_allclose(again[i], stored[ids.index(Path(n).stem)], atol=ATOL)
-    np.testing.assert_allclose(single, again, atol=ATOL)
-    np.testing.assert_array_equal(enc.encode(images), again)
+    again = check_reencoding_matches_store(store_path, "hf-vision", enc, real_cxr, files[:3], atol=ATOL)
+    np.testing.assert_array_equal(enc.encode(_canonical(real_cxr, files[:3])), again)
 
 
 @pytest.mark.slow
 def test_different_weights_refused_into_same_model(ingested: tuple[Path, list[str]], tmp_path: Path, real_cxr: Path) -> None:
     store_path, files = ingested
-    other = write_hf_standin(tmp_path / "other", seed=9)
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(f"image_id,path\nextra,{files[0]}\n")
-    enc = get_encoder("hf-vision", weights=other)
-    with pytest.raises(ProvenanceError, match="weights_sha256"):
-        ingest(store_path, CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0)
+    other = get_encoder("hf-vision", weights=write_hf_standin(tmp_path / "other", seed=9))
+    check_other_weights_refused(store_path, real_cxr, files[0], other)
 
 
 def test_missing_files_are_named(standin: Path, tmp_path: Path) -> None:
@@ -396,19 +387,9 @@ def test_remote_code_and_non_vision_models_refused(standin: Path, tmp_path: Path
 
 
 def test_options_validated(standin: Path) -> None:
-    with pytest.raises(UsageError, match="allowed: weights, device, batch, half, pooling"):
-        get_encoder("hf-vision", weights=standin, colour=True)
-    with pytest.raises(UsageError, match="needs --device cuda"):
-        get_encoder("hf-vision", weights=standin, half=True)
-    with pytest.raises(UsageError, match="batch must be a positive integer"):
-        get_encoder("hf-vision", weights=standin, batch=0)
-    with pytest.raises(UsageError, match="unknown device"):
-        get_encoder("hf-vision", weights=standin, device="tpu")
+    check_torch_encoder_options("hf-vision", standin, "weights, device, batch, half, pooling")
     with pytest.raises(UsageError, match="pooling must be one of cls, pooler, mean"):
         get_encoder("hf-vision", weights=standin, pooling="max")
-    if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="use --device cpu"):
-            get_encoder("hf-vision", weights=standin, device="cuda")
     with pytest.raises(UsageError, match="2-D"):
         prepare_hf(np.zeros((3, 4, 4), np.float32))
     with pytest.raises(UsageError, match="NaN"):

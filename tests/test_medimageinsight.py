@@ -24,10 +24,15 @@ from cxrstore.encoders.medimageinsight import (
     read_mii_config,
     write_mii_standin,
 )
-from cxrstore.errors import ProvenanceError, UsageError
+from cxrstore.errors import UsageError
 from cxrstore.ingest import ingest
 from cxrstore.store.store import Store
-from tests.encoder_checks import write_manifest
+from tests.encoder_checks import (
+    check_other_weights_refused,
+    check_reencoding_matches_store,
+    check_torch_encoder_options,
+    write_manifest,
+)
 
 WEIGHTS = "2024.09.27/vision_model/medimageinsigt-v1.0.0.pt"
 
@@ -92,32 +97,16 @@ def test_ingest_real_files_end_to_end(ingested: tuple[Path, list[str]], standin:
 
 @pytest.mark.slow
 def test_deterministic_and_batch_independent(ingested: tuple[Path, list[str]], standin: Path, real_cxr: Path) -> None:
-    from cxrstore.io.preprocess import preprocess
-    from cxrstore.io.read import read_image
-
     store_path, files = ingested
-    store = Store(store_path)
-    ids = store.column("image_id").tolist()
-    stored = store.select(model="medimageinsight").vectors()
     enc = get_encoder("medimageinsight", weights=standin)  # other instance, no micro-batching
-    names = files[:2]
-    images = [preprocess(read_image((real_cxr / n).read_bytes())) for n in names]
-    again = enc.encode(images)
-    single = np.concatenate([enc.encode([im]) for im in images])
-    for i, n in enumerate(names):
-        np.testing.assert_allclose(again[i], stored[ids.index(Path(n).stem)], atol=2e-5)
-    np.testing.assert_allclose(single, again, atol=2e-5)
+    check_reencoding_matches_store(store_path, "medimageinsight", enc, real_cxr, files[:2], atol=2e-5)
 
 
 @pytest.mark.slow
 def test_different_weights_refused_into_same_model(ingested: tuple[Path, list[str]], tmp_path: Path, real_cxr: Path) -> None:
     store_path, files = ingested
-    other = write_mii_standin(tmp_path / "other", seed=9)
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(f"image_id,path\nextra,{files[0]}\n")
-    enc = get_encoder("medimageinsight", weights=other)
-    with pytest.raises(ProvenanceError, match="weights_sha256"):
-        ingest(store_path, CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0)
+    other = get_encoder("medimageinsight", weights=write_mii_standin(tmp_path / "other", seed=9))
+    check_other_weights_refused(store_path, real_cxr, files[0], other)
 
 
 def test_forward_matches_published_computation(small_standin: Path) -> None:
@@ -230,17 +219,7 @@ def test_missing_or_mismatched_weights_are_clear_errors(small_standin: Path, tmp
 
 
 def test_options_validated(small_standin: Path) -> None:
-    with pytest.raises(UsageError, match="allowed: weights, device, batch, half"):
-        get_encoder("medimageinsight", weights=small_standin, colour=True)
-    with pytest.raises(UsageError, match="needs --device cuda"):
-        get_encoder("medimageinsight", weights=small_standin, half=True)
-    with pytest.raises(UsageError, match="batch must be a positive integer"):
-        get_encoder("medimageinsight", weights=small_standin, batch=0)
-    with pytest.raises(UsageError, match="unknown device"):
-        get_encoder("medimageinsight", weights=small_standin, device="tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="use --device cpu"):
-            get_encoder("medimageinsight", weights=small_standin, device="cuda")
+    check_torch_encoder_options("medimageinsight", small_standin, "weights, device, batch, half")
 
 
 def test_published_architecture_has_the_published_size() -> None:

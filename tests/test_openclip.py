@@ -31,10 +31,15 @@ from cxrstore.encoders.openclip import (  # noqa: E402
     resolve_openclip_config,
     write_openclip_standin,
 )
-from cxrstore.errors import ProvenanceError, UsageError  # noqa: E402
+from cxrstore.errors import UsageError  # noqa: E402
 from cxrstore.ingest import ingest  # noqa: E402
 from cxrstore.store.store import Store  # noqa: E402
-from tests.encoder_checks import write_manifest  # noqa: E402
+from tests.encoder_checks import (  # noqa: E402
+    check_other_weights_refused,
+    check_reencoding_matches_store,
+    check_torch_encoder_options,
+    write_manifest,
+)
 
 SAFE = "open_clip_model.safetensors"
 BIN = "open_clip_pytorch_model.bin"
@@ -206,33 +211,17 @@ def test_ingest_real_files_end_to_end(ingested: tuple[str, Path, list[str]], sta
 @pytest.mark.slow
 def test_deterministic_and_batch_independent(ingested: tuple[str, Path, list[str]], standins: dict[str, Path],
                                              real_cxr: Path) -> None:
-    from cxrstore.io.preprocess import preprocess
-    from cxrstore.io.read import read_image
-
     kind, store_path, files = ingested
-    store = Store(store_path)
-    ids = store.column("image_id").tolist()
-    stored = store.select(model="open-clip").vectors()
     enc = get_encoder("open-clip", weights=standins[kind])  # another instance, no micro-batching
-    names = files[:3]
-    images = [preprocess(read_image((real_cxr / n).read_bytes())) for n in names]
-    again = enc.encode(images)
-    single = np.concatenate([enc.encode([im]) for im in images])
-    for i, n in enumerate(names):
-        np.testing.assert_allclose(again[i], stored[ids.index(Path(n).stem)], atol=2e-5)
-    np.testing.assert_allclose(single, again, atol=2e-5)
+    check_reencoding_matches_store(store_path, "open-clip", enc, real_cxr, files[:3], atol=2e-5)
 
 
 @pytest.mark.slow
 def test_different_weights_refused_into_same_model(ingested: tuple[str, Path, list[str]], tmp_path: Path,
                                                    real_cxr: Path) -> None:
     kind, store_path, files = ingested
-    other = write_openclip_standin(tmp_path / "other", kind=kind, seed=9)
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(f"image_id,path\nextra,{files[0]}\n")
-    enc = get_encoder("open-clip", weights=other)
-    with pytest.raises(ProvenanceError, match="weights_sha256"):
-        ingest(store_path, CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0)
+    other = get_encoder("open-clip", weights=write_openclip_standin(tmp_path / "other", kind=kind, seed=9))
+    check_other_weights_refused(store_path, real_cxr, files[0], other)
 
 
 # -- independent checks of the computation ---------------------------------------------------------
@@ -510,19 +499,9 @@ def test_folder_layout_and_config_errors(standins: dict[str, Path], tmp_path: Pa
 
 def test_options_validated(standins: dict[str, Path]) -> None:
     w = standins["native"]
-    with pytest.raises(UsageError, match="allowed: weights, device, batch, half, normalize"):
-        get_encoder("open-clip", weights=w, colour=True)
-    with pytest.raises(UsageError, match="needs --device cuda"):
-        get_encoder("open-clip", weights=w, half=True)
-    with pytest.raises(UsageError, match="batch must be a positive integer"):
-        get_encoder("open-clip", weights=w, batch=0)
+    check_torch_encoder_options("open-clip", w, "weights, device, batch, half, normalize")
     with pytest.raises(UsageError, match="normalize must be True or False"):
         get_encoder("open-clip", weights=w, normalize="yes")
-    with pytest.raises(UsageError, match="unknown device"):
-        get_encoder("open-clip", weights=w, device="tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="use --device cpu"):
-            get_encoder("open-clip", weights=w, device="cuda")
     enc = get_encoder("open-clip", weights=w)
     with pytest.raises(UsageError, match=r"prepared images of shape \(64, 64\)"):
         enc.forward([np.zeros((32, 32), np.uint8)])

@@ -31,10 +31,14 @@ from cxrstore.encoders.xrv import (
     skimage_resize,
     write_xrv_standin,
 )
-from cxrstore.errors import ProvenanceError, UsageError
+from cxrstore.errors import UsageError
 from cxrstore.ingest import ingest
 from cxrstore.store.store import Store
-from tests.encoder_checks import write_manifest
+from tests.encoder_checks import (
+    check_other_weights_refused,
+    check_reencoding_matches_store,
+    write_manifest,
+)
 
 TINY_DIM = 32  # 16 + 2*8 -> 16 -> 32 -> 16 -> 32 -> 16 -> 32 (TINY_ARCH)
 
@@ -421,32 +425,16 @@ def test_ingest_real_files_end_to_end(ingested: tuple[Path, list[str]], release:
 
 @pytest.mark.slow
 def test_deterministic_and_batch_independent(ingested: tuple[Path, list[str]], release: Path, real_cxr: Path) -> None:
-    from cxrstore.io.preprocess import preprocess
-    from cxrstore.io.read import read_image
-
     store_path, files = ingested
-    store = Store(store_path)
-    ids = store.column("image_id").tolist()
-    stored = store.select(model="torchxrayvision").vectors()
     enc = get_encoder("torchxrayvision", weights=release)  # another instance, no micro-batching
-    names = files[:3]
-    images = [preprocess(read_image((real_cxr / n).read_bytes())) for n in names]
-    again = enc.encode(images)
-    single = np.concatenate([enc.encode([im]) for im in images])
-    for i, n in enumerate(names):
-        np.testing.assert_allclose(again[i], stored[ids.index(Path(n).stem)], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(single, again, rtol=1e-5, atol=1e-5)
+    check_reencoding_matches_store(store_path, "torchxrayvision", enc, real_cxr, files[:3], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_different_weights_refused_into_same_model(ingested: tuple[Path, list[str]], tmp_path: Path, real_cxr: Path) -> None:
     store_path, files = ingested
-    other = write_xrv_standin(tmp_path / "other.pt", fmt="release", seed=9)
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(f"image_id,path\nextra,{files[0]}\n")
-    enc = get_encoder("torchxrayvision", weights=other)
-    with pytest.raises(ProvenanceError, match="weights_sha256"):
-        ingest(store_path, CsvManifest(manifest, root=real_cxr).records(), encoder=enc, workers=0)
+    other = get_encoder("torchxrayvision", weights=write_xrv_standin(tmp_path / "other.pt", fmt="release", seed=9))
+    check_other_weights_refused(store_path, real_cxr, files[0], other)
 
 
 def test_cli_ingest_with_weights_and_info_shows_provenance(release: Path, real_cxr: Path, tmp_path: Path) -> None:
