@@ -65,7 +65,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from cxrstore.encoders.base import EncoderConfig, register_encoder
+from cxrstore.encoders.base import EncoderConfig, check_options, register_encoder
 from cxrstore.errors import UsageError
 
 __all__ = ["BaselineEncoder", "prepare_baseline"]
@@ -286,11 +286,7 @@ class BaselineEncoder:
     name: ClassVar[str] = "baseline"
 
     def __init__(self, *, work_size: int = 256, hog_bins: int = 8, hist_bins: int = 16, **unknown: Any) -> None:
-        if unknown:
-            raise UsageError(
-                f"unknown option(s) for encoder 'baseline': {', '.join(sorted(unknown))}; "
-                "allowed: work_size, hog_bins, hist_bins"
-            )
+        check_options(self.name, unknown, "work_size, hog_bins, hist_bins")
         self.work_size = _check_int("work_size", work_size, 32, 1024, multiple=32)
         self.hog_bins = _check_int("hog_bins", hog_bins, 2, 36)
         self.hist_bins = _check_int("hist_bins", hist_bins, 2, 64)
