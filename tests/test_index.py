@@ -26,7 +26,7 @@ from cxrstore.index import (
     update_index,
 )
 from cxrstore.index import faiss_index
-from cxrstore.index.faiss_index import CALIBRATION_GRID, HIGH_DIM_MIN, SQ_TRAIN_ROWS, calibrate, fit_pca, index_chain
+from cxrstore.index.faiss_index import APPROX_EF_CONSTRUCTION, CALIBRATION_GRID, HIGH_DIM_MIN, SQ_TRAIN_ROWS, calibrate, fit_pca, index_chain
 from cxrstore.store.store import RowData, Store, open_writer
 
 PROV = {"encoder": {"encoder": "fake", "version": "1", "params": {}, "weights_sha256": None},
@@ -306,7 +306,7 @@ def test_approximate_default_reaches_recall_095(tmp_path: Path) -> None:
     factory, params = default_factory(10 * FLAT_MAX_COST, d)  # what auto picks beyond the threshold
     side = build_index(store, "m", factory=factory, search_params=params)
     assert side["factory"] == "HNSW32,Flat" and side["search_params"] == {"efSearch": 128}
-    assert side["build_params"]["efConstruction"] == 40
+    assert side["build_params"]["efConstruction"] == APPROX_EF_CONSTRUCTION == 80
     loaded = load_index(store, "m")
     assert not loaded.exact
     q = x[np.random.default_rng(0).choice(n, 300, replace=False)] + 0.05 * np.random.default_rng(1).standard_normal((300, d)).astype(np.float32)
