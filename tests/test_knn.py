@@ -137,7 +137,7 @@ def test_exact_knn_of_matches_rows_of_full_graph() -> None:
 
 def test_approximate_recall_is_measured_against_exact() -> None:
     x, _ = mixture(3000, 32, 10, seed=4, noise=0.4)
-    approx = approximate_knn(array_source(x), 3000, k=15, seed=0)
+    approx = approximate_knn(array_source(x), 3000, k=15, block_rows=256, seed=0)
     exact = exact_knn(array_source(x), 3000, k=15)
     true_recall = recall(approx.indices, exact.indices)
     rec = sample_recall(approx, array_source(x), sample=500, seed=1)
@@ -145,9 +145,50 @@ def test_approximate_recall_is_measured_against_exact() -> None:
     assert 0.9 <= true_recall <= 1.0
     assert abs(rec["recall"] - true_recall) < 0.05
     assert not (approx.indices == np.arange(3000)[:, None]).any()
-    # a deliberately weak index (one list probed) loses recall, and the sample shows it
-    weak = approximate_knn(array_source(x), 3000, k=15, nlist=64, nprobe=1, seed=0)
+    assert approx.stats["pairs_fraction"] < 0.8
+    # a deliberately weak partition (one list probed) loses recall, and the sample shows it
+    weak = approximate_knn(array_source(x), 3000, k=15, nlist=64, nprobe=1, block_rows=256, seed=0)
     assert sample_recall(weak, array_source(x), sample=500)["recall"] < rec["recall"]
+
+
+def test_approximate_with_every_list_probed_is_exact() -> None:
+    """Probing all lists searches every pair: the exact graph, whatever the grouping."""
+    x, _ = mixture(700, 24, 6, seed=11)
+    g = approximate_knn(array_source(x), 700, k=9, nlist=12, nprobe=12, block_rows=96, seed=2)
+    assert g.stats["nprobe"] == 12 and g.stats["calibration"] is None
+    assert_same_graph(g.indices, g.sims, x)
+
+
+def test_approximate_nprobe_is_calibrated_to_the_target_recall() -> None:
+    x, _ = mixture(4000, 32, 12, seed=6, noise=0.45)
+    exact = exact_knn(array_source(x), 4000, k=15)
+    results = {}
+    for target in (0.9, 0.99):
+        g = approximate_knn(array_source(x), 4000, k=15, target_recall=target, calibration_rows=400, block_rows=512, seed=0)
+        cal = g.stats["calibration"]
+        curve = cal["recall_by_nprobe"]
+        # the smallest nprobe reaching the target on the calibration sample
+        assert cal["reached"] and cal["recall"] >= target and cal["sample"] == 400
+        assert g.stats["nprobe"] == 1 or curve[g.stats["nprobe"] - 2] < target
+        assert curve == sorted(curve)
+        # the recall over all rows is at least about the calibrated one (groups compute a superset)
+        results[target] = (g.stats["nprobe"], recall(g.indices, exact.indices))
+        assert results[target][1] >= target - 0.02, results
+        assert g.stats["pairs_fraction"] < 1.0
+    assert results[0.9][0] < results[0.99][0]
+    # seeded: the same graph again
+    again = approximate_knn(array_source(x), 4000, k=15, target_recall=0.99, calibration_rows=400, block_rows=512, seed=0)
+    g99 = approximate_knn(array_source(x), 4000, k=15, target_recall=0.99, calibration_rows=400, block_rows=512, seed=0)
+    np.testing.assert_array_equal(again.indices, g99.indices)
+    np.testing.assert_array_equal(again.sims, g99.sims)
+
+
+def test_approximate_bad_parameters() -> None:
+    x, _ = mixture(200, 8, 3, seed=1)
+    with pytest.raises(UsageError, match="nprobe must be in 1..10"):
+        approximate_knn(array_source(x), 200, k=5, nlist=10, nprobe=11)
+    with pytest.raises(UsageError, match="target_recall must be in"):
+        approximate_knn(array_source(x), 200, k=5, target_recall=1.5)
 
 
 def test_store_stream_memory_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,6 +233,15 @@ def test_store_stream_memory_stays_bounded(tmp_path: Path, monkeypatch: pytest.M
     assert largest["matrix"] <= 2 * chunk * 12, largest
     assert g.stats["passes"] > 10  # the stream was re-read, never held whole
     assert_same_graph(g.indices, g.sims, x)
+    # the approximate graph: the k-means sample, the groups and the queued queries are
+    # each at most two blocks
+    largest.update(read=0, batch=0, matrix=0)
+    a = approximate_knn(selection_source(sel), len(sel), k=6, nlist=8, block_rows=2 * chunk, calibration_rows=50)
+    assert largest["read"] <= chunk, largest
+    assert largest["batch"] <= 2 * chunk, largest
+    assert largest["matrix"] <= 2 * 2 * chunk * 12, largest
+    assert a.stats["passes"] > 10 and a.stats["train_rows"] <= 4 * chunk
+    assert recall(a.indices, g.indices) >= 0.9
 
 
 def test_gpu_block_logic_with_a_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,3 +98,24 @@ def merge_rows_ids(vals: np.ndarray, ids: np.ndarray, D: np.ndarray, I: np.ndarr
             if ids[i, j] >= 0 and v > thr:
                 _insert(D, I, r, v, ids[i, j])
                 thr = D[r, k - 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def merge_rows_at(s: np.ndarray, cols: np.ndarray, D: np.ndarray, I: np.ndarray, rows: np.ndarray) -> None:
+    """Merge row ``i`` of ``s`` (positions ``cols[j]``) into the list of row ``rows[i]``;
+    a row's own position is skipped.
+
+    Serial: the approximate graph calls it once per (query block, list), on products of a
+    few hundred rows, where a parallel region's start-up and barrier cost more than the
+    pass itself (and a core taken by another process stalls every barrier).
+    """
+    bi, bj = s.shape
+    k = D.shape[1]
+    for i in range(bi):
+        r = rows[i]
+        thr = D[r, k - 1]
+        for j in range(bj):
+            v = s[i, j]
+            if v > thr and cols[j] != r:
+                _insert(D, I, r, v, cols[j])
+                thr = D[r, k - 1]
