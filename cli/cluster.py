@@ -10,6 +10,7 @@ import click
 from cli.common import echo_json, handle_errors, json_option, table
 from cxrstore.analysis.cluster import KNN_METHODS, OBJECTIVES, WEIGHTS, ClusterReport
 from cxrstore.analysis.cluster import cluster as run_cluster
+from cxrstore.analysis.knn import TARGET_RECALL
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -53,7 +54,10 @@ def print_report(report: ClusterReport) -> None:
 @click.option("--weights", type=click.Choice(WEIGHTS), default="connectivity", show_default=True,
               help="Leiden edge weights: UMAP connectivities (as scanpy) or cosine similarity.")
 @click.option("--method", type=click.Choice(KNN_METHODS), default="exact", show_default=True,
-              help="kNN graph: exact, or approximate FAISS IVF (recall measured on a sample).")
+              help="kNN graph: exact, or approximate (rows searched exactly within their nearest k-means lists; "
+                   "recall calibrated to --target-recall and measured on a sample).")
+@click.option("--target-recall", type=float, default=TARGET_RECALL, show_default=True,
+              help="With --method ivf: recall@k the number of lists searched is calibrated to.")
 @click.option("--no-umap", "no_umap", is_flag=True, help="Skip UMAP and the plots.")
 @click.option("--memory-mb", type=float, default=512.0, show_default=True, help="Memory for the kNN blocks.")
 @click.option("--recompute", is_flag=True, help="Recompute the kNN graph even if a stored one matches.")
@@ -61,7 +65,7 @@ def print_report(report: ClusterReport) -> None:
 @handle_errors
 def cluster(
     store: Path, model: str, k: int, where: str | None, resolution: float, labels: tuple[str, ...], seed: int,
-    objective: str, weights: str, method: str, no_umap: bool, memory_mb: float, recompute: bool, as_json: bool,
+    objective: str, weights: str, method: str, target_recall: float, no_umap: bool, memory_mb: float, recompute: bool, as_json: bool,
 ) -> None:
     """Cluster STORE's vectors: exact cosine kNN graph, Leiden, UMAP, plots, tables.
 
@@ -76,7 +80,7 @@ def cluster(
     report = run_cluster(
         store, model=model, k=k, where=where, resolution=resolution, seed=seed, labels=list(labels) or None,
         objective=objective, weights=weights, method=method, embed=not no_umap,  # type: ignore[arg-type]
-        memory_mb=memory_mb, reuse_graph=not recompute,
+        memory_mb=memory_mb, reuse_graph=not recompute, target_recall=target_recall,
     )
     if as_json:
         echo_json(report.to_json())

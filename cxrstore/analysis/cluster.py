@@ -24,7 +24,7 @@ import logging
 import random
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cxrstore.analysis.knn import (
+    TARGET_RECALL,
     KnnGraph,
     approximate_knn,
     exact_knn,
@@ -176,53 +177,126 @@ def modularity(graph: sp.spmatrix, labels: np.ndarray, *, resolution: float = 1.
     return float(_igraph(graph).modularity(labels.tolist(), weights="weight", resolution=resolution))
 
 
+def _umap_graph(indices: np.ndarray, sims: np.ndarray) -> sp.coo_matrix:
+    """The fuzzy simplicial set ``umap.UMAP(metric="cosine", precomputed_knn=...)``
+    builds: ``k + 1`` neighbours (self first), neighbours at cosine distance >= 2
+    disconnected (umap-learn's ``disconnection_distance`` for cosine), fuzzy union."""
+    umap = _umap()
+    n, k = indices.shape
+    idx, dist = with_self(indices, sims)
+    far = dist >= 2.0
+    idx[far] = -1
+    dist[far] = np.inf
+    graph, _, _ = umap.umap_.fuzzy_simplicial_set(
+        np.empty((n, 1), np.float32), k + 1, np.random.RandomState(0), "cosine", knn_indices=idx, knn_dists=dist
+    )
+    return graph.tocoo()
+
+
+def _umap_init(graph: sp.coo_matrix, layout_data: np.ndarray | Callable[[], np.ndarray], random_state: np.random.RandomState) -> np.ndarray:
+    """umap-learn's spectral initialisation (``simplicial_set_embedding``, ``init="spectral"``),
+    scaled to [0, 10]; ``layout_data`` is read (called, if callable) only when the graph
+    has several connected components (``umap.spectral.multi_component_layout``)."""
+    from scipy.sparse.csgraph import connected_components
+
+    umap = _umap()
+    from umap.spectral import spectral_layout
+
+    n = graph.shape[0]
+    data = None
+    if connected_components(graph)[0] > 1:
+        data = np.asarray(layout_data() if callable(layout_data) else layout_data, dtype=np.float32)
+        if data.ndim != 2 or data.shape[0] != n:
+            raise UsageError(f"layout data has shape {data.shape}, expected ({n}, m)")
+    emb = spectral_layout(data, graph, 2, random_state, metric="cosine")
+    emb = umap.umap_.noisy_scale_coords(emb, random_state, max_coord=10, noise=0.0001)
+    lo, hi = np.min(emb, 0), np.max(emb, 0)
+    return (10.0 * (emb - lo) / (hi - lo)).astype(np.float32, order="C")
+
+
 def umap_embedding(
     indices: np.ndarray,
     sims: np.ndarray,
-    layout_data: np.ndarray,
+    layout_data: np.ndarray | Callable[[], np.ndarray],
     *,
     seed: int | None = 0,
     min_dist: float = 0.5,
     n_epochs: int | None = None,
 ) -> np.ndarray:
-    """2-D UMAP from a precomputed kNN graph (umap-learn's ``precomputed_knn``).
+    """2-D UMAP from a precomputed kNN graph: umap-learn's graph and initialisation,
+    cxrstore's parallel, reproducible layout optimiser.
+
+    umap-learn computes the fuzzy simplicial set (as ``umap.UMAP(metric="cosine",
+    precomputed_knn=...)`` does), ``a`` and ``b`` from ``min_dist`` (spread 1), the
+    epochs per sample, and the spectral initialisation scaled to [0, 10] with a little
+    noise, exactly as ``umap.umap_.simplicial_set_embedding`` does (same default
+    ``n_epochs``: 500 up to 10,000 points, 200 above; same pruning of edges lighter than
+    ``max / n_epochs``). The stochastic gradient descent is
+    :func:`cxrstore.analysis._layout.optimize_layout`: umap-learn's epoch, run over fixed
+    chunks of vertices in parallel, each chunk moving only its own vertices against a
+    snapshot of the others, so the result is the same for a seed whatever the number of
+    threads (umap-learn itself only reproduces a seed single-threaded).
 
     Parameters
     ----------
     indices, sims : ndarray, shape (n, k)
         The kNN graph, self excluded (UMAP gets ``k + 1`` neighbours, self first, as
         ``umap-learn`` and scanpy count them).
-    layout_data : ndarray, shape (n, m)
-        Low-dimensional stand-in for the vectors (a random projection): UMAP only uses it
-        to place disconnected components relative to each other.
+    layout_data : ndarray of shape (n, m), or a callable returning one
+        Low-dimensional stand-in for the vectors (a random projection), only used to
+        place disconnected components of the graph relative to each other; a callable is
+        called only then (so a connected graph never reads it).
     seed : int or None
-        Seeded runs are reproducible and single-threaded (umap-learn's rule); ``None``
-        runs in parallel and varies from run to run.
+        Seed of the initialisation and of the negative samples; a seeded result is
+        bit-identical across runs and thread counts. ``None`` draws a fresh seed (same
+        parallel optimiser, different result each run).
     min_dist : float
         UMAP's ``min_dist`` (scanpy's default 0.5).
+    n_epochs : int or None
+        Epochs of the optimisation (``None``: umap-learn's default).
 
     Returns
     -------
     ndarray of float32, shape (n, 2)
     """
+    from cxrstore.analysis._layout import optimize_layout  # numba: imported on use only
+
     umap = _umap()
-    k = indices.shape[1]
-    idx, dist = with_self(indices, sims)
-    reducer = umap.UMAP(
-        n_neighbors=k + 1,
-        n_components=2,
-        metric="cosine",
-        min_dist=min_dist,
-        n_epochs=n_epochs,
-        random_state=seed,
-        n_jobs=1 if seed is not None else -1,
-        precomputed_knn=(idx, dist, None),
-        low_memory=True,
+    indices = np.asarray(indices)
+    sims = np.asarray(sims)
+    if indices.ndim != 2 or sims.shape != indices.shape:
+        raise UsageError(f"kNN indices {indices.shape} and similarities {sims.shape} must be the same (n, k) shape")
+    n = indices.shape[0]
+    if n < 2:
+        return np.zeros((n, 2), np.float32)
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % 2**32)
+    random_state = np.random.RandomState(seed)
+    graph = _umap_graph(indices, sims)
+    graph.sum_duplicates()
+    epochs = (500 if n <= 10000 else 200) if n_epochs is None else int(n_epochs)
+    if epochs > 10:
+        graph.data[graph.data < graph.data.max() / float(epochs)] = 0.0
+    else:
+        graph.data[graph.data < graph.data.max() / float(500 if n <= 10000 else 200)] = 0.0
+    graph.eliminate_zeros()
+    emb = _umap_init(graph, layout_data, random_state)
+    # umap-learn's next draws (its optimiser's rng_state) key the negative-sample streams
+    s = random_state.randint(np.iinfo(np.int32).min, np.iinfo(np.int32).max, 3).astype(np.int64) % 2**32
+    key = int(s[0]) << 32 ^ int(s[1]) ^ int(s[2]) << 16
+    csr = graph.tocsr()
+    csr.sort_indices()
+    a, b = umap.umap_.find_ab_params(1.0, min_dist)
+    return optimize_layout(
+        emb,
+        csr.indptr,
+        csr.indices,
+        umap.umap_.make_epochs_per_sample(csr.data, epochs),
+        a=float(a),
+        b=float(b),
+        n_epochs=epochs,
+        key=key,
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
-        coords = reducer.fit_transform(np.asarray(layout_data, dtype=np.float32))
-    return np.asarray(coords, dtype=np.float32)
 
 
 # -- tables and plots -----------------------------------------------------------------
@@ -368,6 +442,7 @@ def build_knn(
     recall_sample: int = 1000,
     seed: int = 0,
     device: str = "auto",
+    target_recall: float = TARGET_RECALL,
 ) -> tuple[KnnGraph, Result, bool]:
     """Build (or reuse) the stored kNN graph of ``selection``; returns ``(graph, result, reused)``.
 
@@ -383,6 +458,7 @@ def build_knn(
     params = {"model": model, "k": int(k), "method": method, "where": _where_key(where), "n": int(rows.size), "metric": "cosine", "self": "excluded"}
     if method == "ivf":
         params["seed"] = int(seed)
+        params["target_recall"] = float(target_recall)
     if reuse:
         try:
             old = load_result(store, "knn", name)
@@ -398,8 +474,8 @@ def build_knn(
         graph = exact_knn(source, len(rows), k=k, block_rows=block_rows, memory_mb=memory_mb, device=device)  # type: ignore[arg-type]
         summary = dict(graph.stats)
     else:
-        graph = approximate_knn(source, len(rows), k=k, seed=seed, block_rows=block_rows or 4096)
-        rec = sample_recall(graph, source, sample=recall_sample, seed=seed, block_rows=block_rows or 4096)
+        graph = approximate_knn(source, len(rows), k=k, seed=seed, block_rows=block_rows, memory_mb=memory_mb, target_recall=target_recall)
+        rec = sample_recall(graph, source, sample=recall_sample, seed=seed, block_rows=graph.stats["block_rows"])
         graph.stats["recall_sample"] = rec
         summary = dict(graph.stats)
     result = save_result(
@@ -439,6 +515,7 @@ def cluster(
     memory_mb: float = 512.0,
     recall_sample: int = 1000,
     device: str = "auto",
+    target_recall: float = TARGET_RECALL,
     name: str | None = None,
 ) -> ClusterReport:
     """Cluster a store's selection: kNN graph, Leiden, UMAP, plots, tables; all saved.
@@ -462,8 +539,10 @@ def cluster(
     weights : {"connectivity", "similarity"}
         Edge weights of the Leiden graph (see :func:`connectivity_graph`).
     method : {"exact", "ivf"}
-        kNN graph: exact streamed products, or FAISS IVF with its recall measured on
-        ``recall_sample`` rows.
+        kNN graph: exact streamed products, or the approximate graph of
+        :func:`cxrstore.analysis.knn.approximate_knn` (rows searched exactly within their
+        nearest k-means lists, how many calibrated to ``target_recall``), its recall
+        measured on ``recall_sample`` other rows.
     embed : bool
         Compute UMAP and the plots.
     reuse_graph : bool
@@ -498,7 +577,7 @@ def cluster(
     t = time.perf_counter()
     graph, knn_res, reused = build_knn(
         sel, model=model, k=k, method=method, where=where, reuse=reuse_graph, block_rows=block_rows,
-        memory_mb=memory_mb, recall_sample=recall_sample, seed=seed, device=device,
+        memory_mb=memory_mb, recall_sample=recall_sample, seed=seed, device=device, target_recall=target_recall,
     )
     timings["knn"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -517,8 +596,8 @@ def cluster(
     coords = None
     if embed:
         t = time.perf_counter()
-        layout = _layout_data(sel, model, seed=seed)
-        coords = umap_embedding(graph.indices, graph.sims, layout, seed=seed, min_dist=min_dist)
+        # the layout projection reads every vector again: only when the graph is disconnected
+        coords = umap_embedding(graph.indices, graph.sims, lambda: _layout_data(sel, model, seed=seed), seed=seed, min_dist=min_dist)
         timings["umap"] = time.perf_counter() - t
         arrays["umap"] = coords
         t = time.perf_counter()
@@ -536,7 +615,7 @@ def cluster(
         "clusters": int(clusters.max() + 1),
         "modularity": mod,
         "knn_reused": reused,
-        "knn": {key: graph.stats.get(key) for key in ("method", "device", "seconds", "gflops_per_s", "block_rows", "passes", "recall_sample") if key in graph.stats},
+        "knn": {key: graph.stats.get(key) for key in ("method", "device", "seconds", "gflops_per_s", "block_rows", "passes", "recall_sample", "nlist", "nprobe", "pairs_fraction") if key in graph.stats},
         "seconds": timings,
         "agreement": {r["label"]: {"ari": r["ari"], "nmi": r["nmi"]} for r in agreement.to_dict("records")},
     }
