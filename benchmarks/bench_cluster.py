@@ -5,16 +5,19 @@ space, mapped to D dimensions with isotropic noise, L2-normalised) is written to
 cxrstore store. Then, after warming up numba (pynndescent, umap-learn) in this process
 for both tools on a small set:
 
-- cxrstore: ``cxrstore.analysis.cluster.cluster`` on the store (exact cosine kNN k=15
-  streamed from the store, UMAP connectivities, igraph Leiden, seeded UMAP from the
-  precomputed neighbours, tables; plots off);
+- cxrstore: ``cxrstore.analysis.cluster.cluster`` on the store (cosine kNN k=15
+  streamed from the store, exact or, with ``--method ivf`` / ``exact,ivf``, approximate
+  with its recall calibrated to 0.99; UMAP connectivities, igraph Leiden, seeded UMAP
+  from the precomputed neighbours, tables; plots off). With two methods, both run on
+  the same store and scanpy runs once (``cxrstore`` and ``cxrstore_ivf`` in the JSON);
 - scanpy: ``pp.neighbors(n_neighbors=16, metric="cosine", use_rep="X")`` (16 counts the
   point itself, so both graphs have 15 neighbours a point), ``tl.leiden`` default
   (leidenalg flavour, random_state=0), ``tl.umap`` (random_state=0), on the in-memory
   array (scanpy has no store to stream from).
 
-Quality: kNN recall@15 against the exact graph (cxrstore's own exactness is checked
-against an independent in-memory FAISS search of a sample), ARI and NMI of each
+Quality: kNN recall@15 against the exact graph (cxrstore's graphs are checked against an
+independent in-memory FAISS search of a 500-row sample, the approximate one's recall is
+that sample's), ARI and NMI of each
 partition against the mixture labels, modularity of each partition on its own graph.
 
 The machine's float32 matrix-multiply rate (numpy, 4096 cubed, best of 3) is measured
@@ -30,7 +33,7 @@ libraries, thread arenas and numba's JIT before any data is read: hence a 1.6 Gi
 for a 1.97 GB store by default).
 
     python benchmarks/bench_cluster.py --quick
-    nice -n 5 python benchmarks/bench_cluster.py --sizes 20000x1024,50000x1024,20000x24576 --out bench-out/cluster.json
+    nice -n 5 python benchmarks/bench_cluster.py --sizes 20000x1024,50000x1024,20000x24576 --method exact,ivf --out bench-out/cluster.json
 """
 
 from __future__ import annotations
@@ -48,14 +51,16 @@ import time
 import warnings
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from cxrstore.analysis.cluster import cluster
 from cxrstore.analysis.knn import exact_knn, recall, selection_source
 from cxrstore.store.store import RowData, Store, open_writer
-from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 PROV = {"encoder": {"encoder": "bench-mixture", "version": "1", "params": {}, "weights_sha256": "0" * 64}, "preprocess": {}}
 
@@ -178,10 +183,57 @@ def knn_rate(store: Store, n: int, d: int, *, memory_mb: float, repeats: int) ->
     return {"pairs": pairs, **{f"median_{k}": float(np.median([p[k] for p in pairs])) for k in pairs[0]}}
 
 
+def cxrstore_runs(store: Store, x: np.ndarray, y: np.ndarray, *, method: str, seed: int, memory_mb: float, repeats: int) -> dict:
+    """cxrstore's pipeline with one kNN method: times, kNN rate, recall, partition quality."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from cxrstore.analysis.cluster import connectivity_graph as cg
+    from cxrstore.store.results import load_result
+
+    n, d = x.shape
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rep_c = cluster(store, model="m", k=15, seed=seed, labels=[], embed=True, reuse_graph=False, memory_mb=memory_mb,
+                        method=method)  # type: ignore[arg-type]
+        wall = time.perf_counter() - t
+        secs = rep_c.summary["seconds"]
+        runs.append({"total_s": wall, **{f"{k}_s": v for k, v in secs.items()}, "knn_gflops_performed": rep_c.summary["knn"]["gflops_per_s"]})
+    med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    out: dict = {"knn_method": method, "runs": runs, "median": med}
+    out["knn_all_pairs_gflops"] = 2.0 * n * n * d / med["knn_s"] / 1e9
+    if method == "ivf":
+        for key in ("nlist", "nprobe", "pairs_fraction", "passes", "calibration"):
+            out[key] = rep_c.knn_result.summary.get(key)
+    knn = load_result(Store(store.path), "knn", rep_c.knn_result.name)
+    idx = knn.array("neighbors")
+    # recall on a sample against an independent in-memory FAISS flat search
+    sample = np.sort(np.random.default_rng(1).choice(n, size=min(n, 500), replace=False))
+    _, fi = faiss.knn(x[sample], x, 16, metric=faiss.METRIC_INNER_PRODUCT)
+    fi = np.array([[j for j in row if j != s][:15] for row, s in zip(fi, sample)])
+    out["knn_recall_vs_faiss_flat_sample"] = recall(idx[sample], fi)
+    if method != "exact":
+        out["knn_recall_own_estimate"] = rep_c.summary["knn"].get("recall_sample")
+    clusters = rep_c.clusters
+    conn = cg(np.searchsorted(knn.array("rows"), idx), knn.array("sims"))
+    out.update({
+        "clusters": int(clusters.max() + 1),
+        "ari": adjusted_rand_score(y, clusters), "nmi": normalized_mutual_info_score(y, clusters),
+        "modularity_own_graph": modularity_of(conn, clusters),
+        "_indices": idx, "_conn": conn,
+    })
+    return out
+
+
 def one_size(
     n: int, d: int, tmp: Path, *, seed: int, skip_scanpy: bool, memory_mb: float, repeats: int, rate_repeats: int = 0,
-    method: str = "exact",
+    methods: tuple[str, ...] = ("exact",),
 ) -> dict:
+    """One size: cxrstore with each kNN method, then scanpy once, on the same vectors.
+
+    Results: ``cxrstore`` (the first method) and ``cxrstore_<method>`` for the others,
+    each with its ``time_ratio_over_scanpy``.
+    """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     t = time.perf_counter()
@@ -191,64 +243,44 @@ def one_size(
     if rate_repeats:
         res["knn_rate"] = knn_rate(store, n, d, memory_mb=memory_mb, repeats=rate_repeats)
     res["matmul_gflops_before"] = matmul_rate() / 1e9
-    runs = []
-    sc_runs = []
-    for rep in range(repeats):
-        t = time.perf_counter()
-        rep_c = cluster(store, model="m", k=15, seed=seed, labels=[], embed=True, reuse_graph=False, memory_mb=memory_mb,
-                        method=method)  # type: ignore[arg-type]
-        wall = time.perf_counter() - t
-        secs = rep_c.summary["seconds"]
-        runs.append({"total_s": wall, **{f"{k}_s": v for k, v in secs.items()}, "knn_gflops_performed": rep_c.summary["knn"].get("gflops_per_s", float("nan"))})
-        if not skip_scanpy:
-            sc_runs.append(scanpy_pipeline(x, seed=seed))
+    per_method = {}
+    for method in methods:
+        per_method[method] = cxrstore_runs(store, x, y, method=method, seed=seed, memory_mb=memory_mb, repeats=repeats)
+    sc_runs = [scanpy_pipeline(x, seed=seed) for _ in range(repeats)] if not skip_scanpy else []
     res["matmul_gflops_after"] = matmul_rate() / 1e9
     mm = max(res["matmul_gflops_before"], res["matmul_gflops_after"])
-    med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-    res["cxrstore"] = {"runs": runs, "median": med}
-    knn_s = med["knn_s"]
-    res["cxrstore"]["knn_all_pairs_gflops"] = 2.0 * n * n * d / knn_s / 1e9
-    res["cxrstore"]["knn_fraction_of_matmul_all_pairs"] = res["cxrstore"]["knn_all_pairs_gflops"] / mm
-    res["cxrstore"]["knn_fraction_of_matmul_performed"] = med["knn_gflops_performed"] / mm
-    # quality
-    from cxrstore.analysis.cluster import connectivity_graph as cg
-
-    kg = Store(store.path)
-    from cxrstore.store.results import load_result
-
-    knn = load_result(kg, "knn", rep_c.knn_result.name)
-    exact_idx = knn.array("neighbors")
+    for out in per_method.values():
+        out["knn_fraction_of_matmul_all_pairs"] = out["knn_all_pairs_gflops"] / mm
+        out["knn_fraction_of_matmul_performed"] = out["median"]["knn_gflops_performed"] / mm
+    # the exact graph (when computed) is the reference for scanpy's recall; else the sample
+    exact = per_method.get("exact")
     sample = np.sort(np.random.default_rng(1).choice(n, size=min(n, 500), replace=False))
-    import faiss
-
     _, fi = faiss.knn(x[sample], x, 16, metric=faiss.METRIC_INNER_PRODUCT)
     fi = np.array([[j for j in row if j != s][:15] for row, s in zip(fi, sample)])
-    res["cxrstore"]["knn_recall_vs_faiss_flat_sample"] = recall(exact_idx[sample], fi)
-    clusters = rep_c.clusters
-    conn = cg(exact_idx, knn.array("sims"))
-    res["cxrstore"].update({
-        "clusters": int(clusters.max() + 1),
-        "ari": adjusted_rand_score(y, clusters), "nmi": normalized_mutual_info_score(y, clusters),
-        "modularity_own_graph": modularity_of(conn, clusters), "knn_method": method,
-    })
-    if method == "exact":
-        res["cxrstore"]["knn_recall"] = 1.0
-    else:  # recall of the approximate graph: against FAISS flat on the sample, and cxrstore's own sample estimate
-        res["cxrstore"]["knn_recall"] = res["cxrstore"].pop("knn_recall_vs_faiss_flat_sample")
-        res["cxrstore"]["knn_recall_own_estimate"] = rep_c.summary["knn"].get("recall_sample")
     if sc_runs:
         smed = {k: float(np.median([r[k] for r in sc_runs])) for k in ("neighbors_s", "leiden_s", "umap_s", "total_s")}
         s = sc_runs[-1]
+        ref_conn = (exact or per_method[methods[0]])["_conn"]
         res["scanpy"] = {
             "runs": [{k: r[k] for k in ("neighbors_s", "leiden_s", "umap_s", "total_s")} for r in sc_runs],
             "median": smed, "stored_neighbors_per_row": s["stored_neighbors_per_row"], "clusters": s["clusters"],
-            "knn_recall": recall(s["_indices"], exact_idx) if method == "exact" else recall(s["_indices"][sample], fi),
+            "knn_recall": recall(s["_indices"], exact["_indices"]) if exact else recall(s["_indices"][sample], fi),
+            "knn_recall_vs_faiss_flat_sample": recall(s["_indices"][sample], fi),
             "ari": adjusted_rand_score(y, s["_labels"]), "nmi": normalized_mutual_info_score(y, s["_labels"]),
             "modularity_own_graph": modularity_of(s["_connectivities"], s["_labels"]),
-            "modularity_on_cxrstore_graph": modularity_of(conn, s["_labels"]),
+            "modularity_on_cxrstore_graph": modularity_of(ref_conn, s["_labels"]),
         }
-        res["time_ratio_cxrstore_over_scanpy"] = med["total_s"] / smed["total_s"]
-        res["time_ratio_runs"] = [c["total_s"] / s_["total_s"] for c, s_ in zip(runs, sc_runs)]
+    for i, method in enumerate(methods):
+        out = per_method[method]
+        out.pop("_conn")
+        out.pop("_indices")
+        out["knn_recall"] = 1.0 if method == "exact" else out["knn_recall_vs_faiss_flat_sample"]
+        if sc_runs:
+            out["time_ratio_over_scanpy"] = out["median"]["total_s"] / res["scanpy"]["median"]["total_s"]
+            out["time_ratio_runs"] = [c["total_s"] / s_["total_s"] for c, s_ in zip(out["runs"], sc_runs)]
+        res["cxrstore" if i == 0 else f"cxrstore_{method}"] = out
+    if sc_runs:
+        res["time_ratio_cxrstore_over_scanpy"] = res["cxrstore"]["time_ratio_over_scanpy"]
     shutil.rmtree(store.path)
     return res
 
@@ -302,13 +334,17 @@ def main() -> None:
     ap.add_argument("--memory-run-mb", type=float, default=128.0, help="cxrstore's kNN block memory in the memory-limit run")
     ap.add_argument("--skip-scanpy", action="store_true")
     ap.add_argument("--rate-repeats", type=int, default=0, help="exact kNN alternated with matmul, per size")
-    ap.add_argument("--method", choices=["exact", "ivf"], default="exact", help="cxrstore's kNN graph")
+    ap.add_argument("--method", default="exact", help="cxrstore's kNN graph: exact, ivf, or both (exact,ivf; scanpy runs once)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tmp", default=None, help="scratch folder (default: system temp)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.memory_rows, args.memory_limit_gb = "3000x256", "2000x24576", 1.6
+    methods = tuple(m for m in args.method.split(",") if m)
+    bad = [m for m in methods if m not in ("exact", "ivf")]
+    if bad or not methods:
+        ap.error(f"--method: exact, ivf or both, got {args.method!r}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir=args.tmp))
     report: dict = {
         "benchmark": "cluster",
@@ -321,10 +357,10 @@ def main() -> None:
         for spec in [s for s in args.sizes.split(",") if s]:
             n, d = (int(v) for v in spec.lower().split("x"))
             r = one_size(n, d, tmp, seed=args.seed, skip_scanpy=args.skip_scanpy, memory_mb=args.memory_mb, repeats=args.repeats,
-                         rate_repeats=args.rate_repeats, method=args.method)
+                         rate_repeats=args.rate_repeats, methods=methods)
             report["results"].append(r)
             emit(report, args.out, echo=False)
-            print(json.dumps({"done": spec, "cxrstore_total_s": r["cxrstore"]["median"]["total_s"],
+            print(json.dumps({"done": spec, **{f"{m}_total_s": r["cxrstore" if i == 0 else f"cxrstore_{m}"]["median"]["total_s"] for i, m in enumerate(methods)},
                               "scanpy_total_s": r.get("scanpy", {}).get("median", {}).get("total_s")}), file=sys.stderr, flush=True)
         if args.memory_rows:
             n, d = (int(v) for v in args.memory_rows.lower().split("x"))
