@@ -171,7 +171,14 @@ def test_store_cluster_approximate_reports_recall(mixture_store: Store, planted)
     rec = r.summary["knn"]["recall_sample"]
     assert rec["sample"] == 300 and 0.9 <= rec["recall"] <= 1.0
     assert r.knn_result.name.startswith("toy-k15-ivf-") and r.knn_result.summary["nprobe"] >= 1
+    assert r.knn_result.params["target_recall"] == 0.99 and r.knn_result.summary["calibration"]["recall"] >= 0.99
     assert adjusted_rand_score(y, r.clusters) >= 0.9
+    # the CLI: a lower target probes fewer lists (a new graph: the target is a parameter)
+    res = CliRunner().invoke(cluster_cmd, [str(mixture_store.path), "--model", "toy", "--method", "ivf", "--target-recall", "0.5",
+                                           "--memory-mb", "1", "--no-umap", "--json"])
+    assert res.exit_code == 0, res.output
+    knn = json.loads(res.output)["knn"]
+    assert knn["method"] == "ivf" and knn["nprobe"] < r.knn_result.summary["nprobe"] and 0.0 < knn["recall_sample"]["recall"] <= 1.0
 
 
 def test_cluster_bad_options(mixture_store: Store) -> None:
