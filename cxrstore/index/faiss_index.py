@@ -37,7 +37,10 @@ products).
   HNSW32,Flat (before)    353      17.9    61         0.986
   PCA512,HNSW32,RFlat     30       4.66    1455       0.998
   HNSW32_SQ8,RFlat        45       2.70    781        0.986
+  the same, efC 80 (*)    126      2.50    382        1.000
   ======================  =======  ======  =========  =========
+
+  (*) the current build beam (below), a later run with another job on one core.
 
   The default is chosen by single-query latency at recall@10 >= 0.97. The PCA variant
   (a 512 x d projection per query: it reads a 50 MB matrix, most of its time) batches
