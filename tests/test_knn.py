@@ -192,7 +192,8 @@ def test_approximate_bad_parameters() -> None:
 
 
 def test_store_stream_memory_stays_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A store of many small chunks: no array read or multiplied exceeds two chunks."""
+    """A store of many small chunks: no array read or multiplied exceeds a block (two chunks
+    here), though the stream is read many times."""
     chunk = 8
     x, _ = mixture(500, 12, 4, seed=5)
     store = make_store(tmp_path / "s", x, chunk_rows=chunk)
@@ -228,7 +229,7 @@ def test_store_stream_memory_stays_bounded(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(knnmod, "normalise", recording_normalise)
     sel = store.select(model="toy")
     g = exact_knn(selection_source(sel), len(sel), k=6, block_rows=2 * chunk)
-    assert largest["read"] <= chunk, largest
+    assert largest["read"] <= 2 * chunk, largest
     assert largest["batch"] <= 2 * chunk, largest
     assert largest["matrix"] <= 2 * chunk * 12, largest
     assert g.stats["passes"] > 10  # the stream was re-read, never held whole
@@ -237,7 +238,7 @@ def test_store_stream_memory_stays_bounded(tmp_path: Path, monkeypatch: pytest.M
     # each at most two blocks
     largest.update(read=0, batch=0, matrix=0)
     a = approximate_knn(selection_source(sel), len(sel), k=6, nlist=8, block_rows=2 * chunk, calibration_rows=50)
-    assert largest["read"] <= chunk, largest
+    assert largest["read"] <= 2 * chunk, largest
     assert largest["batch"] <= 2 * chunk, largest
     assert largest["matrix"] <= 2 * 2 * chunk * 12, largest
     assert a.stats["passes"] > 10 and a.stats["train_rows"] <= 4 * chunk

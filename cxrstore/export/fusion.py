@@ -465,7 +465,7 @@ class Fusion:
     def iter_batches(self, batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream ``(rows, fused)`` in row order, ``fused`` of shape ``(b, dim)`` float32.
 
-        Memory: one stored chunk per model plus one batch, whatever the selection's size.
+        Memory: about two batches (or two stored chunks) per model, whatever the selection's size.
         """
         if batch_rows < 1:
             raise UsageError(f"batch_rows must be positive, got {batch_rows}")
