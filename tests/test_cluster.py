@@ -15,6 +15,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from cli.cluster import cluster as cluster_cmd
 from cxrstore.analysis.cluster import (
+    _igraph,
     cluster,
     cluster_table,
     connectivity_graph,
@@ -56,6 +57,10 @@ def test_leiden_recovers_planted_clusters(planted, planted_graph, weights: str) 
     assert adjusted_rand_score(y, labels) >= 0.9
     assert np.bincount(labels).tolist() == sorted(np.bincount(labels).tolist(), reverse=True), "numbered by size"
     assert modularity(g, labels) > modularity(g, np.random.default_rng(0).permutation(labels)) + 0.3
+    # igraph's own modularity of the same partition, at two resolutions
+    ig = _igraph(g)
+    for res in (1.0, 0.5):
+        assert modularity(g, labels, resolution=res) == pytest.approx(ig.modularity(labels.tolist(), weights="weight", resolution=res), abs=1e-9)
     np.testing.assert_array_equal(labels, leiden(g, resolution=1.0, seed=0))
 
 
