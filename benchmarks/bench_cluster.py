@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import emit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
-from cxrstore.analysis.cluster import cluster
+from cxrstore.analysis.cluster import KNN_MEMORY_MB, cluster
 from cxrstore.analysis.knn import exact_knn, recall, selection_source
 from cxrstore.store.store import RowData, Store, open_writer
 
@@ -328,7 +328,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="20000x1024,50000x1024,20000x24576", help="comma-separated NxD")
     ap.add_argument("--quick", action="store_true", help="small smoke run (3000x256, memory 2000x24576 under 1.6 GiB)")
     ap.add_argument("--repeats", type=int, default=1, help="alternated repeats per size (median reported)")
-    ap.add_argument("--memory-mb", type=float, default=512.0, help="cxrstore's kNN block memory")
+    ap.add_argument("--memory-mb", type=float, default=KNN_MEMORY_MB, help="cxrstore's kNN block memory (cluster's default)")
     ap.add_argument("--memory-rows", default="20000x24576", help="NxD of the store for the memory-limit run ('' to skip)")
     ap.add_argument("--memory-limit-gb", type=float, default=1.6, help="RLIMIT_AS of the memory-limit run")
     ap.add_argument("--memory-run-mb", type=float, default=128.0, help="cxrstore's kNN block memory in the memory-limit run")

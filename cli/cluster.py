@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from cli.common import echo_json, handle_errors, json_option, table
-from cxrstore.analysis.cluster import KNN_METHODS, OBJECTIVES, WEIGHTS, ClusterReport
+from cxrstore.analysis.cluster import KNN_MEMORY_MB, KNN_METHODS, OBJECTIVES, WEIGHTS, ClusterReport
 from cxrstore.analysis.cluster import cluster as run_cluster
 from cxrstore.analysis.knn import TARGET_RECALL
 
@@ -59,7 +59,7 @@ def print_report(report: ClusterReport) -> None:
 @click.option("--target-recall", type=float, default=TARGET_RECALL, show_default=True,
               help="With --method ivf: recall@k the number of lists searched is calibrated to.")
 @click.option("--no-umap", "no_umap", is_flag=True, help="Skip UMAP and the plots.")
-@click.option("--memory-mb", type=float, default=512.0, show_default=True, help="Memory for the kNN blocks.")
+@click.option("--memory-mb", type=float, default=KNN_MEMORY_MB, show_default=True, help="Memory for the kNN graph's blocks of vectors.")
 @click.option("--recompute", is_flag=True, help="Recompute the kNN graph even if a stored one matches.")
 @json_option
 @handle_errors
