@@ -30,7 +30,10 @@ than the address-space limit it runs under (``RLIMIT_AS``), and reports its peak
 (``VmHWM`` of /proc/self/status; ``ru_maxrss`` is not used: after fork it starts from the
 parent's peak) and peak address space (``VmPeak``, which includes about 0.9 GB of mapped
 libraries, thread arenas and numba's JIT before any data is read: hence a 1.6 GiB limit
-for a 1.97 GB store by default).
+for a 1.97 GB store by default). The child runs with ``MALLOC_ARENA_MAX=2``: zarr reads
+the chunks of a batch in a pool of threads, and glibc reserves 64 MB of address space
+for each thread's malloc arena, which counts against ``RLIMIT_AS`` though it is never
+used (without it the run stops with a MemoryError at 1.6 GiB).
 
     python benchmarks/bench_cluster.py --quick
     nice -n 5 python benchmarks/bench_cluster.py --sizes 20000x1024,50000x1024,20000x24576 --method exact,ivf --out bench-out/cluster.json
@@ -311,9 +314,10 @@ def memory_run(n: int, d: int, tmp: Path, *, limit_bytes: int, memory_mb: float)
     size = sum(f.stat().st_size for f in (store.path / "store.zarr" / "models").rglob("*") if f.is_file())
     proc = subprocess.run(
         [sys.executable, "-c", MEMORY_CHILD, str(store.path), str(limit_bytes), str(Path(__file__).resolve().parents[1]), str(memory_mb)],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, env={**os.environ, "MALLOC_ARENA_MAX": "2"},
     )
-    out = {"n": n, "dim": d, "vector_bytes_on_disk": size, "rlimit_as_bytes": limit_bytes, "memory_mb": memory_mb, "returncode": proc.returncode}
+    out = {"n": n, "dim": d, "vector_bytes_on_disk": size, "rlimit_as_bytes": limit_bytes, "memory_mb": memory_mb, "returncode": proc.returncode,
+           "malloc_arena_max": 2}
     if proc.returncode == 0:
         out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
     else:

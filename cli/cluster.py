@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from cli.common import echo_json, handle_errors, json_option, table
-from cxrstore.analysis.cluster import KNN_MEMORY_MB, KNN_METHODS, OBJECTIVES, WEIGHTS, ClusterReport
+from cxrstore.analysis.cluster import (
+    KNN_MEMORY_MB,
+    KNN_METHODS,
+    OBJECTIVES,
+    WEIGHTS,
+    ClusterReport,
+)
 from cxrstore.analysis.cluster import cluster as run_cluster
 from cxrstore.analysis.knn import TARGET_RECALL
 

@@ -105,9 +105,11 @@ def merge_rows_at(s: np.ndarray, cols: np.ndarray, D: np.ndarray, I: np.ndarray,
     """Merge row ``i`` of ``s`` (positions ``cols[j]``) into the list of row ``rows[i]``;
     a row's own position is skipped.
 
-    Serial: the approximate graph calls it once per (query block, list), on products of a
-    few hundred rows, where a parallel region's start-up and barrier cost more than the
-    pass itself (and a core taken by another process stalls every barrier).
+    Serial: the approximate graph calls it once per product (queued queries x one group
+    of list members), hundreds of times per graph, where the merge is a small part of the
+    product's time; a parallel region's barrier would stall whenever another process
+    holds a core (measured: 2.7 s of barriers against 0.08 s of serial merging at 20,000 x
+    1024 on a loaded machine).
     """
     bi, bj = s.shape
     k = D.shape[1]

@@ -21,9 +21,10 @@ many lists a row probes is calibrated on the exact neighbours of a sample so tha
 reaches a target (0.99 by default); measure the result independently with
 :func:`sample_recall`, which computes the exact neighbours of a random sample of rows.
 It pays off where the products dominate, i.e. for large ``n`` and moderate dimension: at
-50,000 x 1024 (two cores) it computed 12 % of all pairs (the exact graph: 50 %) in 9.2 s
-against 21 s, at recall 0.999. At 24,576 dimensions the extra passes over the stream
-cost what the products save (12,000 rows: 26 % of the pairs, 25.6 s against 24.7 s).
+50,000 x 1024 (two cores, from a store) it computed 12 % of all pairs (the exact graph:
+50 %) in 9.3 s against 12.3 s, at recall 0.998. At 24,576 dimensions its extra passes
+over the stream cost more than the products save (20,000 rows: 23 % of the pairs, 60 s
+against 40 s).
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ TARGET_RECALL = 0.99
 CALIBRATION_ROWS = 500
 MAX_PROBE = 64
 #: Approximate mode: most list members multiplied together. Smaller groups compute fewer
-#: pairs that no row probes but cost one more pass over the stream each (50,000 x 1024,
-#: two cores: 8.9 s with groups of 1,024, 9.2 s with 2,048, 10.9 s with 4,096, 10.6 s with
-#: 8,192 rows; 9 % to 28 % of all pairs computed; the exact graph took 21 s there).
+#: pairs that no row probes but cost one more pass over the stream each (50,000 x 1024
+#: read from a store, two cores: 8.1-9.3 s with groups of 2,048 rows, 8.3 s with 4,096,
+#: 8.9 s with 8,192; 12 %, 18 % and 28 % of all pairs; the exact graph took 12.6 s).
 GROUP_ROWS = 2048
 
 
@@ -338,10 +339,11 @@ def approximate_knn(
     lists (queued to a block's worth, so products stay large), which computes a superset
     of the probed pairs: the recall is at least the calibrated one. Memory stays bounded:
     about four blocks of vectors (the group, the next group gathered during the same
-    pass, the block read, the queued queries, each at most ``block_rows`` rows; ``block_rows`` defaults to three quarters
-    of :func:`exact_knn`'s for the same ``memory_mb``), the k-means sample (at most two
-    blocks), and ``n x nprobe_max`` list ranks. The stream is read once per group, plus
-    three times (sample, ranks, first group) and twice for the calibration.
+    pass, the block read, the queued queries; each at most ``block_rows`` rows, which
+    defaults to three quarters of :func:`exact_knn`'s for the same ``memory_mb``), the
+    k-means sample (at most two blocks) and ``n x nprobe_max`` list ranks. The stream is
+    read once per group, plus three times (sample, ranks, first group) and twice for the
+    calibration.
 
     Parameters
     ----------
@@ -415,7 +417,7 @@ def approximate_knn(
     probes = ranks[:, :nprobe]
     del ranks
     # members in an order where neighbouring lists follow each other; groups of at most
-    # B members; while one group is searched, the next one is gathered from the same pass
+    # G members; while one group is searched, the next one is gathered from the same pass
     rank_of_list = np.empty(nlist, dtype=np.int64)
     rank_of_list[_chain(centroids)] = np.arange(nlist)
     perm = np.argsort(rank_of_list[assign], kind="stable").astype(np.int64)
