@@ -207,3 +207,19 @@ def test_bad_input_is_refused() -> None:
         umap_embedding(np.zeros((10, 3), np.int64), np.zeros((10, 2), np.float32), np.zeros((10, 2)))
     with pytest.raises(ValueError, match="float32"):
         layout.optimize_layout(np.zeros((3, 2)), np.array([0, 0, 0, 0]), np.zeros(0), np.zeros(0), a=1.0, b=1.0, n_epochs=1, key=0)
+
+
+def test_umap_import_leaves_tensorflow_out() -> None:
+    """umap-learn's package import pulls in TensorFlow for ParametricUMAP when it is
+    installed (seconds per `cxrstore cluster`); cxrstore's import of it does not."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        pytest.skip("tensorflow is not installed (extra elixr): nothing to keep out")
+    code = (
+        "import sys; from cxrstore.analysis.cluster import _umap; u = _umap();"
+        "assert hasattr(u.umap_, 'fuzzy_simplicial_set');"
+        "print('tensorflow' in sys.modules, 'umap.parametric_umap' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"], out

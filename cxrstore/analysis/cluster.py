@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -70,12 +71,28 @@ def _choice(what: str, value: str, valid: Sequence[str]) -> str:
 
 
 def _umap() -> Any:
-    """Import umap-learn without its ImportWarning about the optional TensorFlow
-    (ParametricUMAP), which cxrstore does not use."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=ImportWarning)
-        import umap
-        import umap.umap_
+    """Import umap-learn without its parametric part, which cxrstore does not use.
+
+    ``umap/__init__`` imports ``umap.parametric_umap``, which imports TensorFlow when it
+    is installed (the ``elixr`` extra): 3.7 of the 5.7 s ``import umap`` took beside it.
+    A ``None`` in ``sys.modules`` makes that import fail, which umap-learn handles (a
+    ``ParametricUMAP`` stand-in that explains itself, and an ImportWarning, silenced
+    here); the entry is removed afterwards, so ``import umap.parametric_umap`` still
+    works later in the process.
+    """
+    if "umap.umap_" not in sys.modules:
+        block = "umap.parametric_umap" not in sys.modules
+        if block:
+            sys.modules["umap.parametric_umap"] = None  # type: ignore[assignment]
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=ImportWarning)
+                import umap.umap_  # noqa: F401
+        finally:
+            if block and sys.modules.get("umap.parametric_umap", 0) is None:
+                del sys.modules["umap.parametric_umap"]
+    import umap
+
     return umap
 
 
