@@ -87,7 +87,7 @@ def _umap() -> Any:
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=ImportWarning)
-                import umap.umap_  # noqa: F401
+                import umap.umap_
         finally:
             if block and sys.modules.get("umap.parametric_umap", 0) is None:
                 del sys.modules["umap.parametric_umap"]
