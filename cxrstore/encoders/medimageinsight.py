@@ -308,8 +308,7 @@ class MedImageInsightEncoder:
         self.half = check_half(half, self.device_name)
         check_batch("medimageinsight", batch)
         self.batch = batch
-        import_torch(_EXTRA, self.name)
-        # refuse an unusable device before hashing and reading gigabytes of weights
+        # refuse an unusable device (resolve_torch_device imports torch, naming the extra if missing) before hashing and reading gigabytes of weights
         self._device: Any = resolve_torch_device(self.device_name, extra=_EXTRA, encoder=self.name)
         self.config_path, self.weights_path = find_mii_files(weights)
         self.arch = read_mii_config(self.config_path)

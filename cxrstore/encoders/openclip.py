@@ -648,7 +648,6 @@ class OpenClipEncoder:
             raise UsageError(f"{_NAME} option normalize must be True or False, not {normalize!r}")
         self.batch = batch
         self.normalize = normalize
-        import_torch(_EXTRA, self.name)
         self._device: Any = resolve_torch_device(self.device_name, extra=_EXTRA, encoder=self.name)
         self.config_path, self.weights_path = find_openclip_files(weights)
         self.spec = read_openclip_config(self.config_path)

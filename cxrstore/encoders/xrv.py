@@ -602,7 +602,6 @@ class XrvEncoder:
         self.half = check_half(half, self.device_name)
         check_batch(_NAME, batch)
         self.batch = batch
-        import_torch(_EXTRA, self.name)
         self._device: Any = resolve_torch_device(self.device_name, extra=_EXTRA, encoder=self.name)
         self.weights_path = Path(weights).expanduser()
         state, meta = read_xrv_weights(self.weights_path)
