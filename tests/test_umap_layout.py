@@ -223,3 +223,18 @@ def test_umap_import_leaves_tensorflow_out() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"], out
+
+
+def test_a_given_fuzzy_graph_gives_the_same_layout(planted, planted_graph) -> None:
+    """cluster() hands umap_embedding the connectivity graph Leiden used instead of
+    building it again: the layout is the same, and the graph passed in is not modified."""
+    from cxrstore.analysis.cluster import connectivity_graph
+
+    x, _ = planted
+    g = planted_graph
+    conn = connectivity_graph(g.indices, g.sims, weights="connectivity")
+    before = conn.copy()
+    given = umap_embedding(g.indices, g.sims, x, seed=2, n_epochs=30, graph=conn)
+    built = umap_embedding(g.indices, g.sims, x, seed=2, n_epochs=30)
+    np.testing.assert_array_equal(given, built)
+    assert (conn != before).nnz == 0

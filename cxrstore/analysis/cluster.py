@@ -106,13 +106,12 @@ def with_self(indices: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.nda
     return idx, dist
 
 
-def connectivity_graph(
-    indices: np.ndarray, sims: np.ndarray, *, weights: Weights = "connectivity", seed: int = 0
-) -> sp.csr_matrix:
+def connectivity_graph(indices: np.ndarray, sims: np.ndarray, *, weights: Weights = "connectivity") -> sp.csr_matrix:
     """The symmetrised, weighted graph of a kNN graph (self excluded), as CSR.
 
     ``"connectivity"``: UMAP's fuzzy simplicial set (per-row smooth-kNN membership
-    strengths, combined by fuzzy union), the graph scanpy clusters on.
+    strengths, combined by fuzzy union), the graph scanpy clusters on and the one
+    :func:`umap_embedding` lays out (pass it there as ``graph`` to build it once).
     ``"similarity"``: cosine similarity clipped at 0, symmetrised by maximum.
     """
     _choice("weights", weights, WEIGHTS)
@@ -122,12 +121,7 @@ def connectivity_graph(
         g = sp.csr_matrix((w, (np.repeat(np.arange(n), k), indices.ravel())), shape=(n, n))
         g = g.maximum(g.T).tocsr()
     else:
-        fuzzy_simplicial_set = _umap().umap_.fuzzy_simplicial_set
-        idx, dist = with_self(indices, sims)
-        g, _, _ = fuzzy_simplicial_set(
-            np.empty((n, 1), np.float32), k + 1, np.random.RandomState(seed), "cosine", knn_indices=idx, knn_dists=dist
-        )
-        g = g.tocsr()
+        g = _umap_graph(indices, sims).tocsr()
     g.setdiag(0)
     g.eliminate_zeros()
     return g
@@ -259,6 +253,7 @@ def umap_embedding(
     seed: int | None = 0,
     min_dist: float = 0.5,
     n_epochs: int | None = None,
+    graph: sp.spmatrix | None = None,
 ) -> np.ndarray:
     """2-D UMAP from a precomputed kNN graph: umap-learn's graph and initialisation,
     cxrstore's parallel, reproducible layout optimiser.
@@ -291,6 +286,9 @@ def umap_embedding(
         UMAP's ``min_dist`` (scanpy's default 0.5).
     n_epochs : int or None
         Epochs of the optimisation (``None``: umap-learn's default).
+    graph : sparse matrix, optional
+        The fuzzy graph of ``indices`` and ``sims`` if already built
+        (``connectivity_graph(..., weights="connectivity")``); not modified.
 
     Returns
     -------
@@ -309,7 +307,7 @@ def umap_embedding(
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % 2**32)
     random_state = np.random.RandomState(seed)
-    graph = _umap_graph(indices, sims)
+    graph = _umap_graph(indices, sims) if graph is None else sp.coo_matrix(graph, copy=True)
     graph.sum_duplicates()
     epochs = (500 if n <= 10000 else 200) if n_epochs is None else int(n_epochs)
     if epochs > 10:
@@ -618,7 +616,7 @@ def cluster(
     )
     timings["knn"] = time.perf_counter() - t
     t = time.perf_counter()
-    g = connectivity_graph(graph.indices, graph.sims, weights=weights, seed=seed)
+    g = connectivity_graph(graph.indices, graph.sims, weights=weights)
     timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()
     clusters = leiden(g, objective=objective, resolution=resolution, seed=seed)
@@ -634,7 +632,10 @@ def cluster(
     if embed:
         t = time.perf_counter()
         # the layout projection reads every vector again: only when the graph is disconnected
-        coords = umap_embedding(graph.indices, graph.sims, lambda: _layout_data(sel, model, seed=seed), seed=seed, min_dist=min_dist)
+        coords = umap_embedding(
+            graph.indices, graph.sims, lambda: _layout_data(sel, model, seed=seed), seed=seed, min_dist=min_dist,
+            graph=g if weights == "connectivity" else None,  # the fuzzy graph Leiden used: built once
+        )
         timings["umap"] = time.perf_counter() - t
         arrays["umap"] = coords
         t = time.perf_counter()
