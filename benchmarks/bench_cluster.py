@@ -186,7 +186,18 @@ def knn_rate(store: Store, n: int, d: int, *, memory_mb: float, repeats: int) ->
     return {"pairs": pairs, **{f"median_{k}": float(np.median([p[k] for p in pairs])) for k in pairs[0]}}
 
 
-def cxrstore_runs(store: Store, x: np.ndarray, y: np.ndarray, *, method: str, seed: int, memory_mb: float, repeats: int) -> dict:
+def flat_reference(x: np.ndarray, size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of rows and their exact 15 neighbours by an in-memory FAISS flat search."""
+    n = x.shape[0]
+    sample = np.sort(np.random.default_rng(1).choice(n, size=min(n, size), replace=False))
+    _, fi = faiss.knn(x[sample], x, 16, metric=faiss.METRIC_INNER_PRODUCT)
+    return sample, np.array([[j for j in row if j != s][:15] for row, s in zip(fi, sample)])
+
+
+def cxrstore_runs(
+    store: Store, x: np.ndarray, y: np.ndarray, *, method: str, seed: int, memory_mb: float, repeats: int,
+    reference: tuple[np.ndarray, np.ndarray],
+) -> dict:
     """cxrstore's pipeline with one kNN method: times, kNN rate, recall, partition quality."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
@@ -211,9 +222,7 @@ def cxrstore_runs(store: Store, x: np.ndarray, y: np.ndarray, *, method: str, se
     knn = load_result(Store(store.path), "knn", rep_c.knn_result.name)
     idx = knn.array("neighbors")
     # recall on a sample against an independent in-memory FAISS flat search
-    sample = np.sort(np.random.default_rng(1).choice(n, size=min(n, 500), replace=False))
-    _, fi = faiss.knn(x[sample], x, 16, metric=faiss.METRIC_INNER_PRODUCT)
-    fi = np.array([[j for j in row if j != s][:15] for row, s in zip(fi, sample)])
+    sample, fi = reference
     out["knn_recall_vs_faiss_flat_sample"] = recall(idx[sample], fi)
     if method != "exact":
         out["knn_recall_own_estimate"] = rep_c.summary["knn"].get("recall_sample")
@@ -246,9 +255,11 @@ def one_size(
     if rate_repeats:
         res["knn_rate"] = knn_rate(store, n, d, memory_mb=memory_mb, repeats=rate_repeats)
     res["matmul_gflops_before"] = matmul_rate() / 1e9
+    sample, fi = flat_reference(x)
     per_method = {}
     for method in methods:
-        per_method[method] = cxrstore_runs(store, x, y, method=method, seed=seed, memory_mb=memory_mb, repeats=repeats)
+        per_method[method] = cxrstore_runs(store, x, y, method=method, seed=seed, memory_mb=memory_mb, repeats=repeats,
+                                           reference=(sample, fi))
     sc_runs = [scanpy_pipeline(x, seed=seed) for _ in range(repeats)] if not skip_scanpy else []
     res["matmul_gflops_after"] = matmul_rate() / 1e9
     mm = max(res["matmul_gflops_before"], res["matmul_gflops_after"])
@@ -257,9 +268,6 @@ def one_size(
         out["knn_fraction_of_matmul_performed"] = out["median"]["knn_gflops_performed"] / mm
     # the exact graph (when computed) is the reference for scanpy's recall; else the sample
     exact = per_method.get("exact")
-    sample = np.sort(np.random.default_rng(1).choice(n, size=min(n, 500), replace=False))
-    _, fi = faiss.knn(x[sample], x, 16, metric=faiss.METRIC_INNER_PRODUCT)
-    fi = np.array([[j for j in row if j != s][:15] for row, s in zip(fi, sample)])
     if sc_runs:
         smed = {k: float(np.median([r[k] for r in sc_runs])) for k in ("neighbors_s", "leiden_s", "umap_s", "total_s")}
         s = sc_runs[-1]
