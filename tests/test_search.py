@@ -136,6 +136,24 @@ def test_batch_of_queries_equals_single_queries(hand_store: tuple[Store, np.ndar
     assert batch["query"].tolist() == [i for i in ids for _ in range(5)]
 
 
+def test_knn_pads_when_fewer_than_k_rows_qualify(hand_store: tuple[Store, np.ndarray]) -> None:
+    store, x = hand_store
+    retriever = Retriever(store, "m")
+    q = x[[0, 7]] + 0.01
+    sims, rows = retriever.knn(q, k=5)  # 12 rows: every query gets k results
+    want_rows, want_sims = _brute(x, q, np.arange(len(x)), 5)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_allclose(sims, want_sims, atol=1e-5)
+    sims, rows = retriever.knn(q, k=len(x) + 3)  # more than the store holds
+    assert (rows[:, : len(x)] >= 0).all() and (rows[:, len(x) :] == -1).all()
+    assert not np.isnan(sims[:, : len(x)]).any() and np.isnan(sims[:, len(x) :]).all()
+    allowed = np.array([1, 4, 9])
+    sims, rows = retriever.knn(q, k=5, allowed=allowed)  # a filter keeping 3 rows
+    want_rows, _ = _brute(x, q, allowed, 3)
+    np.testing.assert_array_equal(rows[:, :3], want_rows)
+    assert (rows[:, 3:] == -1).all() and np.isnan(sims[:, 3:]).all()
+
+
 def test_bad_queries_are_usage_errors(hand_store: tuple[Store, np.ndarray]) -> None:
     store, x = hand_store
     with pytest.raises(UsageError, match="exactly one of"):

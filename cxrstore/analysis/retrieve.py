@@ -199,15 +199,17 @@ class Retriever:
         extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
         pool = self.index.rows.size if allowed is None else allowed.size
         kk = min(k + extra, pool)
-        sims = np.full((n, k), np.nan, np.float32)
-        rows = np.full((n, k), -1, np.int64)
         if kk == 0 or n == 0:
-            return sims, rows
+            return np.full((n, k), np.nan, np.float32), np.full((n, k), -1, np.int64)
         dim = int(self.index.sidecar["dim"])
         if allowed is not None and (not self.index.supports_selector or (not self.index.exact and allowed.size * dim <= FLAT_MAX_COST)):
             d, i = self._exact_subset(q, kk, allowed)
         else:
             d, i = self.index.search(q, kk, allowed=allowed)
+        if exclude is None and kk == k and (i >= 0).all():
+            return d, i  # the common case: k results a query, nothing to drop
+        sims = np.full((n, k), np.nan, np.float32)
+        rows = np.full((n, k), -1, np.int64)
         for j in range(n):
             keep = i[j] >= 0
             if exclude is not None and len(exclude[j]):
