@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-os.environ.setdefault("RUST_LOG", "error")  # LanceDB logs a deprecation warning per query otherwise
+os.environ.setdefault("LANCEDB_LOG", "error")  # LanceDB logs a deprecation warning per query otherwise
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import faiss
