@@ -185,7 +185,7 @@ def leakage_table(summary: pd.DataFrame, *, metric: str = "auroc") -> pd.DataFra
     df = summary[summary["metric"] == metric]
     g = df[df["scheme"] == "grouped"].set_index(["model", "dataset", "label"])
     n = df[df["scheme"] == "naive"].set_index(["model", "dataset", "label"])
-    both = g[["mean", "t_half"]].join(n[["mean", "t_half"]], lsuffix="_grouped", rsuffix="_naive", how="inner")
+    both = g[["mean", "t_half"]].merge(n[["mean", "t_half"]], left_index=True, right_index=True, how="inner", suffixes=("_grouped", "_naive"))
     both["gap"] = both["mean_naive"] - both["mean_grouped"]
     both = both.reset_index()
     both.insert(3, "metric", metric)

@@ -209,7 +209,7 @@ class MimicCxrJpg(ScannedDataset):
                 rep.add("bad_value", f"{col!r} values other than 1.0, 0.0, -1.0 or empty (taken as missing)",
                         [f"study {s}: {v!r}" for s, v in zip(studies[bad], raw[bad])])
             idx = codes.fillna(4).astype(int).to_numpy()
-            idx[idx == -1] = 3
+            idx = np.where(idx == -1, 3, idx)  # to_numpy may be a read-only view (copy-on-write)
             out[label] = lut[idx]
         index = {s: i for i, s in enumerate(studies.tolist())}
         return index, out, set(studies.tolist())

@@ -91,6 +91,7 @@ def normalize_obs(df: pd.DataFrame) -> pd.DataFrame:
     ISO strings; booleans, integers and floats stay. The index becomes a ``row`` column.
     """
     out: dict[str, Any] = {"row": np.asarray(df.index, dtype=np.int64)}
+    strings: list[str] = []
     for col in df.columns:
         name = str(col)
         if name == "row":
@@ -110,7 +111,10 @@ def normalize_obs(df: pd.DataFrame) -> pd.DataFrame:
                 missing = pd.isna(s).to_numpy()
                 values = np.array(["" if m else str(v) for v, m in zip(values, missing)], dtype=object)
             out[name] = values
-    return pd.DataFrame(out)
+            strings.append(name)
+    # Object, not pandas' string dtype (the default for str values from pandas 3): every
+    # writer, anndata's included, stores object strings the same way.
+    return pd.DataFrame(out).astype(dict.fromkeys(strings, object))
 
 
 def _str_array(values: np.ndarray) -> np.ndarray:
