@@ -161,6 +161,7 @@ def bench_cxrstore_and_faiss(store: Path, q: np.ndarray, truth: np.ndarray, n_si
     raw_with_table(q[:1])
     t_cx, t_knn, t_raw, t_raw_default, t_raw_table = [], [], [], [], []
     cx_rows, raw_rows = [], []
+
     def raw_single(qi: np.ndarray) -> np.ndarray:
         with omp_threads(query_threads(1)):  # the thread setting cxrstore uses for one query
             return raw.search(normalise(qi), K)[1]
