@@ -143,8 +143,9 @@ def bench_cxrstore_and_faiss(store: Path, q: np.ndarray, truth: np.ndarray, n_si
     # numpy columns (loaded once, untimed), then per query the fastest pandas construction
     # measured (a dict of numpy columns; taking from a prebuilt frame, pyarrow and record
     # arrays were all slower).
-    meta = Store(store).metadata()
-    columns = {name: meta[name].to_numpy() for name in [c for c in RESULT_COLUMNS if c in meta.columns] + list(Store(store).labels)}
+    st = Store(store)
+    meta = st.metadata()
+    columns = {name: meta[name].to_numpy() for name in [c for c in RESULT_COLUMNS if c in meta.columns] + list(st.labels)}
 
     def raw_with_table(qi: np.ndarray) -> pd.DataFrame:
         with omp_threads(query_threads(len(qi))):

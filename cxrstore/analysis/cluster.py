@@ -309,11 +309,10 @@ def umap_embedding(
     random_state = np.random.RandomState(seed)
     graph = _umap_graph(indices, sims) if graph is None else sp.coo_matrix(graph, copy=True)
     graph.sum_duplicates()
-    epochs = (500 if n <= 10000 else 200) if n_epochs is None else int(n_epochs)
-    if epochs > 10:
-        graph.data[graph.data < graph.data.max() / float(epochs)] = 0.0
-    else:
-        graph.data[graph.data < graph.data.max() / float(500 if n <= 10000 else 200)] = 0.0
+    default_epochs = 500 if n <= 10000 else 200
+    epochs = default_epochs if n_epochs is None else int(n_epochs)
+    # umap-learn prunes edges lighter than max / n_epochs (max / its default below 11 epochs)
+    graph.data[graph.data < graph.data.max() / float(epochs if epochs > 10 else default_epochs)] = 0.0
     graph.eliminate_zeros()
     emb = _umap_init(graph, layout_data, random_state)
     # umap-learn's next draws (its optimiser's rng_state) key the negative-sample streams

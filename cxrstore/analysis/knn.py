@@ -209,20 +209,13 @@ def exact_knn(
     matmul_s = 0.0
     rows_read = 0
     dim = None
-    B = block_rows
-    buf: np.ndarray | None = None
+    B = block_rows if block_rows is not None else default_block_rows(_source_dim(source), memory_mb=memory_mb)
+    if B < 1:
+        raise UsageError(f"block_rows must be positive, got {B}")
+    # one similarity block, reused: no page faults per product
+    buf = np.empty(min(B, n) ** 2, dtype=np.float32) if gpu_res is None else None
     i0 = 0
     while i0 < n:
-        if B is None:
-            first = next(iter(source(0, 1)), None)
-            if first is None:
-                raise UsageError("the vector source yielded nothing")
-            dim = int(first.shape[1])
-            B = default_block_rows(dim, memory_mb=memory_mb)
-        if B < 1:
-            raise UsageError(f"block_rows must be positive, got {B}")
-        if buf is None and gpu_res is None:
-            buf = np.empty(min(B, n) ** 2, dtype=np.float32)  # one similarity block, reused: no page faults per product
         it = iter(source(i0, B))
         q_raw = next(it, None)
         if q_raw is None:
@@ -374,10 +367,7 @@ def approximate_knn(
     if not 0.0 < target_recall <= 1.0:
         raise UsageError(f"target_recall must be in (0, 1], got {target_recall}")
     t0 = time.perf_counter()
-    first = next(iter(source(0, 1)), None)
-    if first is None:
-        raise UsageError("the vector source yielded nothing")
-    dim = int(first.shape[1])
+    dim = _source_dim(source)
     # four blocks of vectors (the group searched, the next one, the block read and its
     # selected rows) where exact_knn holds three
     B = int(block_rows or default_block_rows(dim, memory_mb=0.75 * memory_mb))
@@ -514,6 +504,14 @@ def _calibrate_nprobe(
         "recall_by_nprobe": [round(float(v), 4) for v in found[: min(width, nprobe + 4)]],
     }
     return nprobe, record
+
+
+def _source_dim(source: VectorSource) -> int:
+    """The dimension of the source's vectors (reads its first row)."""
+    first = next(iter(source(0, 1)), None)
+    if first is None:
+        raise UsageError("the vector source yielded nothing")
+    return int(first.shape[1])
 
 
 def _gather(source: VectorSource, positions: np.ndarray, block_rows: int) -> np.ndarray:
